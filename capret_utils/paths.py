@@ -1,0 +1,71 @@
+"""Where things live: the repository root, the data root and run folders.
+
+No notebook computes a path by hand. The data root is, in order: the notebook's ``data_root`` parameter,
+the ``CAPRET_DATA`` environment variable, or the embedded default, a synthetic DeepFashion2-format
+benchmark under ``<repo>/data/`` that is generated on first use (``capret_utils.synth``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from pathlib import Path
+
+ENV_DATA = "CAPRET_DATA"
+SPLITS = ("train", "validation")
+
+
+def repo_root() -> Path:
+    """The checkout this package is installed from (``pip install -e .``)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def default_data_root(smoke: bool = False) -> Path:
+    """Folder of the embedded synthetic benchmark (demo size, or the tiny smoke size)."""
+    return repo_root() / "data" / ("synthetic-smoke" if smoke else "synthetic")
+
+
+def data_root(data_root: str | os.PathLike | None = None, smoke: bool = False) -> Path:
+    """Resolve the DeepFashion2-format data root.
+
+    ``data_root`` (a notebook parameter) wins when non-empty, then ``$CAPRET_DATA``, then the synthetic
+    default, which is generated here on first use. An explicit root must exist and hold at least one split
+    folder (``train/`` or ``validation/``); otherwise a ``FileNotFoundError`` says what is missing.
+    """
+    explicit = str(data_root or "").strip() or os.environ.get(ENV_DATA, "").strip()
+    if explicit:
+        root = Path(explicit).expanduser().resolve()
+        if not root.is_dir():
+            raise FileNotFoundError(f"data root {root} does not exist (from data_root / ${ENV_DATA})")
+        if not any((root / s).is_dir() for s in SPLITS):
+            raise FileNotFoundError(
+                f"data root {root} holds no split folder: expected {root}/validation/image and "
+                f"{root}/validation/annos (and/or train/) in the DeepFashion2 layout"
+            )
+        return root
+    from capret_utils import synth  # lazy: only the default needs the generator
+
+    root = default_data_root(smoke)
+    synth.ensure_benchmark(root, synth.SynthConfig.smoke() if smoke else synth.SynthConfig.demo())
+    return root
+
+
+def split_dir(root: str | os.PathLike, split: str) -> Path:
+    """``<root>/<split>`` with a clear error when it is missing."""
+    path = Path(root) / split
+    if not path.is_dir():
+        raise FileNotFoundError(f"split folder {path} does not exist (split={split!r})")
+    return path
+
+
+def run_dir(run_dir: str | os.PathLike | None = None, notebook: str = "run") -> Path:
+    """Create and return a run folder: the given one, else ``runs/scratch/<notebook>-<timestamp>``."""
+    if str(run_dir or "").strip():
+        path = Path(run_dir).expanduser()
+        if not path.is_absolute():
+            path = Path.cwd() / path
+    else:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = repo_root() / "runs" / "scratch" / f"{notebook}-{stamp}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()

@@ -1,0 +1,107 @@
+"""Run folders: every notebook run writes ``params.json`` (with the git SHA) and ``metrics.json``.
+
+Writes are atomic (temp file + rename) so a killed run never leaves a torn JSON file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+from capret_utils.paths import repo_root
+
+PARAMS_FILE = "params.json"
+METRICS_FILE = "metrics.json"
+
+
+def git_sha(root: str | os.PathLike | None = None) -> str | None:
+    """The checkout's HEAD commit (with ``-dirty`` when tracked files changed), or None outside git."""
+    root = Path(root or repo_root())
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("-dirty" if dirty else "") if sha else None
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert numpy / torch / Path values into plain JSON types; NaN and inf become None."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    elif hasattr(value, "tolist"):
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as indented JSON atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def environment_info() -> dict[str, Any]:
+    """Versions that matter for reproducing a run."""
+    info: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for mod in ("torch", "transformers", "peft", "faiss", "numpy", "pandas"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional packages
+            info[mod] = None
+    try:
+        import torch
+
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001
+        info["cuda"] = None
+    return info
+
+
+def write_params(run_dir: str | os.PathLike, params: Mapping[str, Any], notebook: str | None = None) -> Path:
+    """Write ``params.json``: the parameters plus git SHA, notebook name, time and versions."""
+    record = {
+        "params": dict(params),
+        "notebook": notebook,
+        "git_sha": git_sha(),
+        "started": _dt.datetime.now().isoformat(timespec="seconds"),
+        "environment": environment_info(),
+    }
+    return write_json(Path(run_dir) / PARAMS_FILE, record)
+
+
+def write_metrics(run_dir: str | os.PathLike, metrics: Mapping[str, Any]) -> Path:
+    """Write ``metrics.json`` (the metrics plus the git SHA under ``_meta``)."""
+    record = dict(metrics)
+    record["_meta"] = {"git_sha": git_sha(), "written": _dt.datetime.now().isoformat(timespec="seconds")}
+    return write_json(Path(run_dir) / METRICS_FILE, record)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
+    return read_json(Path(run_dir) / METRICS_FILE)
