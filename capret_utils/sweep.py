@@ -173,33 +173,47 @@ def is_finished(run_dir: Path) -> bool:
     return bool(status and status.get("status") == "ok" and (Path(run_dir) / runs.METRICS_FILE).is_file())
 
 
-def execute(spec: SweepSpec, run: RunPlan, kernel_name: str | None = None,
-            execution_timeout: int | None = None) -> dict[str, Any]:
-    """Run one grid point; never raises for a notebook error, returns the status record instead."""
+def run_notebook(notebook: Path, run_dir: Path, params: Mapping[str, Any], kernel_name: str | None = None,
+                 execution_timeout: int | None = None, log_output: bool = False) -> dict[str, Any]:
+    """Execute ``notebook`` into ``run_dir`` with ``params`` (plus ``run_dir``); never raises for a notebook error.
+
+    Writes ``params.json`` first, then ``notebook.ipynb`` (the executed copy) and ``status.json`` (``ok`` or
+    ``failed`` with the error type, message, failing cell and duration); returns the status record. A run that
+    finishes without writing ``metrics.json`` counts as failed.
+    """
     import papermill
 
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    runs.write_params(run.run_dir, run.params, notebook=spec.notebook.name)
+    notebook, run_dir = Path(notebook), Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runs.write_params(run_dir, params, notebook=notebook.name)
+    (run_dir / runs.METRICS_FILE).unlink(missing_ok=True)
     started = time.time()
     status: dict[str, Any] = {"status": "running", "started": _dt.datetime.now().isoformat(timespec="seconds"),
-                              "params": run.params}
-    runs.write_json(run.run_dir / STATUS_FILE, status)
-    parameters = dict(run.params, run_dir=str(run.run_dir.resolve()))
+                              "notebook": notebook.name, "params": dict(params)}
+    runs.write_json(run_dir / STATUS_FILE, status)
+    parameters = dict(params, run_dir=str(run_dir.resolve()))
     try:
-        papermill.execute_notebook(str(spec.notebook), str(run.run_dir / NOTEBOOK_FILE), parameters=parameters,
-                                   kernel_name=kernel_name, cwd=str(run.run_dir), progress_bar=False,
-                                   execution_timeout=execution_timeout)
-        if not (run.run_dir / runs.METRICS_FILE).is_file():
+        papermill.execute_notebook(str(notebook), str(run_dir / NOTEBOOK_FILE), parameters=parameters,
+                                   kernel_name=kernel_name, cwd=str(run_dir), progress_bar=False,
+                                   log_output=log_output, execution_timeout=execution_timeout)
+        if not (run_dir / runs.METRICS_FILE).is_file():
             raise RuntimeError(f"the notebook finished without writing {runs.METRICS_FILE}")
         status.update(status="ok")
-    except Exception as exc:  # noqa: BLE001 - a failed run is recorded and the sweep goes on
+    except Exception as exc:  # noqa: BLE001 - a failed run is recorded and the caller decides
         status.update(status="failed", error_type=getattr(exc, "ename", type(exc).__name__),
                       error=str(getattr(exc, "evalue", exc))[:2000],
                       cell_index=getattr(exc, "cell_index", None),
                       traceback=traceback.format_exc(limit=5)[-4000:])
     status["duration_s"] = round(time.time() - started, 2)
-    runs.write_json(run.run_dir / STATUS_FILE, status)
+    runs.write_json(run_dir / STATUS_FILE, status)
     return status
+
+
+def execute(spec: SweepSpec, run: RunPlan, kernel_name: str | None = None,
+            execution_timeout: int | None = None) -> dict[str, Any]:
+    """Run one grid point (see :func:`run_notebook`)."""
+    return run_notebook(spec.notebook, run.run_dir, run.params, kernel_name=kernel_name,
+                        execution_timeout=execution_timeout)
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
