@@ -113,6 +113,10 @@ def test_notebook_is_stripped_and_parameterised(path: Path):
     for name, info in params.items():
         assert info["inferred_type_name"] not in (None, "None"), f"{name}: no type annotation"
         assert info["help"].strip(), f"{name}: no help comment"
+    declared = [ln for ln in tagged[0].source.splitlines() if re.match(r"^[A-Za-z_]\w*\s*:", ln)]
+    assert len(declared) == len(params), (
+        f"{path.name}: papermill parses {sorted(params)} but the cell declares {len(declared)} lines "
+        "(papermill silently drops a line whose help comment contains '=')")
     for name, typ in COMMON_PARAMS.items():
         assert name in params, f"{path.name}: parameter {name} missing"
         assert params[name]["inferred_type_name"] == typ, (name, params[name])
