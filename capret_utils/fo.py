@@ -1,0 +1,611 @@
+"""FiftyOne layer: the items table as a FiftyOne dataset, look-ups by items-table ``key``, per-query results,
+saved views and a clean App launcher.
+
+Shape of the dataset (one sample per image, ``build_dataset``):
+
+* sample fields ``split``, ``image_id``, ``image_key`` (``"validation/000012"``, the prefix of the item keys),
+  ``source`` (``user``/``shop``), ``pair_id``, ``n_items``, ``metadata`` (width/height from the items table);
+  sample tags ``user``/``shop`` plus ``query`` (user image with >= 1 item of ``style > 0``) or ``gallery``
+  (every shop image);
+* ``items``: ``Detections``, relative ``[x, y, w, h]`` boxes, ``label`` = category name, attributes ``key``
+  (the items-table key), ``item``, ``category_id``, ``style``, ``scale``, ``occlusion``, ``zoom_in``,
+  ``viewpoint``, ``identity`` (``"<pair_id>:<style>"`` when ``style > 0``, else None, as
+  ``df2.identity_key``), ``is_query``, ``is_gallery``;
+* ``landmarks``: ``Keypoints`` (one per item that has landmarks; unlabelled points are NaN; attribute ``key``
+  and ``visibility``); optionally ``segmentation`` as closed ``Polylines``.
+
+Retrieval results are attached per query *item* on the detection attributes (``set_item_values`` /
+``attach_results(level="item")``), so the saved patches view ``query-items`` shows one patch per query with its
+results; per query *image* results go on sample fields (``level="image"``). Field names are
+``<variant>_<name>`` (``result_field``) so several variants live side by side.
+
+Rebuilding is idempotent and atomic: the dataset is built under a temporary name and renamed when complete.
+
+The App: ``launch`` works in a notebook (inline) and in a script. An exit hook (and, in a script, a SIGTERM
+handler) stops the App server *before* the process and FiftyOne's database service go, so no server or
+``mongod`` outlives it (``docs/environment.md`` §4.5; why the handler alone is not enough: ``_close_session``).
+``python -m capret_utils.fo_app serve`` serves a dataset from a terminal; ``capret_utils.fo_app`` also holds the
+subprocess server and headless-Chromium helpers used by the browser test.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import re
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from capret_utils.df2 import identity_key
+
+if TYPE_CHECKING:  # fiftyone is imported lazily: importing it costs ~2 s
+    import fiftyone as fo
+
+LABEL_FIELD = "items"
+KEYPOINTS_FIELD = "landmarks"
+SEGMENTATION_FIELD = "segmentation"
+QUERY_TAG = "query"
+GALLERY_TAG = "gallery"
+ITEM_ATTRIBUTES = ("key", "item", "category_id", "style", "scale", "occlusion", "zoom_in", "viewpoint")
+REQUIRED_COLUMNS = ("key", "split", "image_id", "path", "width", "height", "source", "pair_id", "item",
+                    "category_id", "category_name", "style", "x1", "y1", "x2", "y2", "scale", "occlusion",
+                    "zoom_in", "viewpoint")
+# Saved views created with every dataset: name -> description (the views themselves: ``standard_views``).
+SAVED_VIEWS = {
+    "pairs": "all images grouped by pair_id (user photos first)",
+    "user-queries": "user images with at least one query item (style > 0)",
+    "query-items": "one patch per query item (user, style > 0): where per-query results show",
+    "heavy-occlusion": "images with heavily occluded items (occlusion = 3); only those boxes shown",
+    "side-or-back": "images with items seen from the side or back (viewpoint = 3); only those boxes shown",
+}
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """How ``build_dataset`` writes the dataset."""
+
+    persistent: bool = True  # keep it after the process ends (users browse it later); False in tests
+    overwrite: bool = True  # same name -> replaced, never duplicated
+    keypoints: bool = True  # landmarks as a Keypoints field
+    segmentation: bool = False  # polygons as a Polylines field (heavier; off by default)
+    saved_views: bool = True  # create the SAVED_VIEWS
+
+
+# --------------------------------------------------------------------------------------------- names & keys
+
+
+def dataset_name(data_root: str | Path, split: str, override: str = "") -> str:
+    """``override`` if given, else ``capret-<data root folder name>-<split>``, e.g. ``capret-synthetic-validation``."""
+    if str(override or "").strip():
+        return str(override).strip()
+    root_name = Path(data_root).expanduser().resolve().name or "data"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", f"capret-{root_name}-{split}").strip("-")
+    return slug
+
+
+def image_key(split: str, image_id: int) -> str:
+    """The image part of an items-table key: ``"validation/000012"``."""
+    return f"{split}/{int(image_id):06d}"
+
+
+def image_key_of(key: str) -> str:
+    """``"validation/000012/item2"`` -> ``"validation/000012"`` (image keys are returned unchanged)."""
+    parts = str(key).split("/")
+    if len(parts) == 3:
+        return "/".join(parts[:2])
+    if len(parts) == 2:
+        return str(key)
+    raise ValueError(f"{key!r} is neither an item key 'split/NNNNNN/itemK' nor an image key 'split/NNNNNN'")
+
+
+def result_field(variant: str, name: str) -> str:
+    """Field / attribute name for one result of one variant.
+
+    ``result_field("crop+caption", "ap")`` -> ``crop_caption_ap``; a leading digit gets an ``r_`` prefix.
+    """
+    clean_name = re.sub(r"[^A-Za-z0-9]+", "_", str(name or "")).strip("_")
+    if not clean_name:
+        raise ValueError(f"empty result field name (variant={variant!r}, name={name!r})")
+    clean_variant = re.sub(r"[^A-Za-z0-9]+", "_", str(variant or "")).strip("_")
+    field = f"{clean_variant}_{clean_name}" if clean_variant else clean_name
+    if field[0].isdigit():
+        field = "r_" + field
+    return field
+
+
+# --------------------------------------------------------------------------------------------- conversion
+
+
+def relative_box(x1: float, y1: float, x2: float, y2: float, width: int, height: int) -> list[float]:
+    """Pixel corners -> FiftyOne's relative ``[top-left x, top-left y, width, height]``, clipped to [0, 1]."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got width={width}, height={height}")
+    bx1, bx2 = (min(max(v / width, 0.0), 1.0) for v in (x1, x2))
+    by1, by2 = (min(max(v / height, 0.0), 1.0) for v in (y1, y2))
+    return [bx1, by1, max(bx2 - bx1, 0.0), max(by2 - by1, 0.0)]
+
+
+def relative_landmarks(flat: Sequence[float], width: int, height: int) -> tuple[list[tuple[float, float]], list[int]]:
+    """Flat ``[x, y, v, ...]`` pixels -> relative points (NaN where ``v == 0``, i.e. not labelled) and ``v`` list."""
+    if len(flat) % 3:
+        raise ValueError(f"landmarks must be a flat [x, y, v, ...] list, got length {len(flat)}")
+    points, vis = [], []
+    for i in range(0, len(flat), 3):
+        x, y, v = flat[i], flat[i + 1], int(flat[i + 2])
+        points.append((x / width, y / height) if v > 0 else (math.nan, math.nan))
+        vis.append(v)
+    return points, vis
+
+
+def _python(value: Any) -> Any:
+    """numpy scalars / arrays -> plain Python (MongoDB cannot store numpy types); NaN floats -> None."""
+    if isinstance(value, np.ndarray):
+        return [_python(v) for v in value.tolist()]
+    if isinstance(value, (list, tuple)):
+        return [_python(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _check_items(items: pd.DataFrame) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in items.columns]
+    if missing:
+        raise ValueError(f"items table lacks column(s) {missing}; expected the capret_utils.df2.load_items schema")
+    if items.empty:
+        raise ValueError("items table is empty: nothing to put in FiftyOne")
+    dup = items["key"][items["key"].duplicated()]
+    if len(dup):
+        raise ValueError(f"items table has duplicate key(s), e.g. {dup.iloc[0]!r}")
+    per_image = items.groupby(["split", "image_id"])[["source", "pair_id", "path", "width", "height"]].nunique()
+    bad = per_image[(per_image > 1).any(axis=1)]
+    if len(bad):
+        col = bad.columns[(bad.iloc[0] > 1).to_numpy()][0]
+        split, image_id = bad.index[0]
+        raise ValueError(f"image {image_key(split, image_id)} has items that disagree on the image-level field "
+                         f"{col!r}")
+
+
+def _image_groups(items: pd.DataFrame) -> Iterator[list[dict[str, Any]]]:
+    """The table's rows as plain dicts (numpy types converted), one list per image, images in (split, id) order."""
+    ordered = items.sort_values(["split", "image_id"], kind="stable")  # keeps the item order within an image
+    columns = [c for c in ordered.columns if c in set(REQUIRED_COLUMNS) | {"landmarks", "segmentation"}]
+    records = ordered[columns].to_dict("records")
+    group: list[dict[str, Any]] = []
+    for record in records:
+        if group and (record["split"], record["image_id"]) != (group[0]["split"], group[0]["image_id"]):
+            yield group
+            group = []
+        group.append(record)
+    if group:
+        yield group
+
+
+def _samples(items: pd.DataFrame, config: BuildConfig) -> Iterator["fo.Sample"]:
+    import fiftyone as fo
+
+    has_landmarks = "landmarks" in items.columns
+    has_segmentation = "segmentation" in items.columns
+    for rows in _image_groups(items):
+        first = rows[0]
+        width, height = int(first["width"]), int(first["height"])
+        source, split, image_id = str(first["source"]), str(first["split"]), int(first["image_id"])
+        detections, keypoints, polylines = [], [], []
+        for row in rows:
+            style = int(row["style"])
+            name = str(row["category_name"])
+            attrs = {attr: _python(row[attr]) for attr in ITEM_ATTRIBUTES}
+            attrs["identity"] = identity_key(int(row["pair_id"]), style)
+            attrs["is_query"] = source == "user" and style > 0
+            attrs["is_gallery"] = source == "shop"
+            box = relative_box(row["x1"], row["y1"], row["x2"], row["y2"], width, height)
+            detections.append(fo.Detection(label=name, bounding_box=box, **attrs))
+            landmarks = row.get("landmarks") if config.keypoints else None
+            if landmarks is not None and len(landmarks):
+                points, vis = relative_landmarks(list(landmarks), width, height)
+                keypoints.append(fo.Keypoint(label=name, points=points, key=str(row["key"]), visibility=vis))
+            polygons = row.get("segmentation") if config.segmentation else None
+            if polygons is not None and len(polygons):
+                polys = [[(poly[i] / width, poly[i + 1] / height) for i in range(0, len(poly) - 1, 2)]
+                         for poly in polygons if len(poly) >= 6]
+                if polys:
+                    polylines.append(fo.Polyline(label=name, points=polys, closed=True, filled=True,
+                                                 key=str(row["key"])))
+        is_query = source == "user" and any(int(r["style"]) > 0 for r in rows)
+        tags = [source] + ([QUERY_TAG] if is_query else []) + ([GALLERY_TAG] if source == "shop" else [])
+        fields: dict[str, Any] = {
+            "split": split,
+            "image_id": image_id,
+            "image_key": image_key(split, image_id),
+            "source": source,
+            "pair_id": int(first["pair_id"]),
+            "n_items": len(rows),
+            LABEL_FIELD: fo.Detections(detections=detections),
+        }
+        if config.keypoints and has_landmarks:
+            fields[KEYPOINTS_FIELD] = fo.Keypoints(keypoints=keypoints)
+        if config.segmentation and has_segmentation:
+            fields[SEGMENTATION_FIELD] = fo.Polylines(polylines=polylines)
+        yield fo.Sample(filepath=str(first["path"]), tags=tags,
+                        metadata=fo.ImageMetadata(width=width, height=height), **fields)
+
+
+# --------------------------------------------------------------------------------------------- build
+
+
+def build_dataset(items: pd.DataFrame, name: str, config: BuildConfig = BuildConfig(),
+                  info: Mapping[str, Any] | None = None) -> "fo.Dataset":
+    """Build (or rebuild: same name -> overwritten) the FiftyOne dataset for an items table; returns it.
+
+    One sample per image (see the module docstring for the fields). ``info`` (e.g. the data root) is stored in
+    ``dataset.info``. The dataset is built under a temporary, non-persistent name and renamed at the end, so a
+    killed build leaves the previous dataset intact (FiftyOne drops the half-built one). Raises ``ValueError``
+    naming the column / field when the table does not fit the schema, and ``FileExistsError`` when the name
+    exists and ``config.overwrite`` is False.
+    """
+    _check_items(items)
+    import fiftyone as fo
+
+    if not config.overwrite and fo.dataset_exists(name):
+        raise FileExistsError(f"FiftyOne dataset {name!r} exists (BuildConfig.overwrite=False)")
+    dataset = fo.Dataset(f"{name}.building-{uuid.uuid4().hex[:8]}")
+    try:
+        n_images = int(len(items.drop_duplicates(["split", "image_id"])))
+        dataset.add_samples(_samples(items, config), num_samples=n_images, validate=False)
+        dataset.add_dynamic_sample_fields()  # detection attributes become filterable in the App
+        for field in ("image_key", "pair_id"):
+            dataset.create_index(field)
+        categories = (items[["category_id", "category_name"]].drop_duplicates().sort_values("category_id"))
+        dataset.default_classes = [str(c) for c in categories["category_name"]]
+        # App defaults: boxes on (landmarks / polygons one click away), each category in its own colour
+        dataset.app_config.active_fields = fo.ActiveFields(paths=[LABEL_FIELD])
+        dataset.app_config.color_scheme = fo.ColorScheme(color_by="value")
+        dataset.info = {
+            "built_by": "capret_utils.fo.build_dataset",
+            "splits": sorted(str(s) for s in items["split"].unique()),
+            "n_images": n_images,
+            "n_items": int(len(items)),
+            "n_queries": int(((items["source"] == "user") & (items["style"] > 0)).sum()),
+            "n_gallery_items": int((items["source"] == "shop").sum()),
+            **_python_dict(info or {}),
+        }
+        dataset.save()
+        if config.saved_views:
+            save_standard_views(dataset)
+    except BaseException:
+        dataset.delete()  # a failed build leaves nothing behind; the old dataset is untouched
+        raise
+    if fo.dataset_exists(name):
+        fo.delete_dataset(name)
+    dataset.name = name
+    dataset.persistent = config.persistent
+    return dataset
+
+
+def _python_dict(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {str(k): str(v) if isinstance(v, Path) else _python(v) for k, v in d.items()}
+
+
+def load_dataset(name: str) -> "fo.Dataset":
+    """Load an existing dataset with a clear error that lists what exists."""
+    import fiftyone as fo
+
+    if not fo.dataset_exists(name):
+        raise ValueError(f"no FiftyOne dataset named {name!r}; existing: {sorted(fo.list_datasets())}")
+    return fo.load_dataset(name)
+
+
+def delete_dataset(name: str) -> bool:
+    """Delete the dataset if it exists; returns whether it existed."""
+    import fiftyone as fo
+
+    if fo.dataset_exists(name):
+        fo.delete_dataset(name)
+        return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------- views
+
+
+def standard_views(dataset: "fo.Dataset") -> dict[str, Any]:
+    """The views behind ``SAVED_VIEWS`` (not saved): name -> view."""
+    from fiftyone import ViewField as F
+
+    queries = dataset.match_tags(QUERY_TAG)
+    return {
+        "pairs": dataset.group_by("pair_id", order_by="source", reverse=True),
+        "user-queries": queries,
+        "query-items": queries.filter_labels(LABEL_FIELD, F("is_query") == True).to_patches(LABEL_FIELD),  # noqa: E712
+        "heavy-occlusion": dataset.filter_labels(LABEL_FIELD, F("occlusion") == 3),
+        "side-or-back": dataset.filter_labels(LABEL_FIELD, F("viewpoint") == 3),
+    }
+
+
+def save_standard_views(dataset: "fo.Dataset") -> list[str]:
+    """Save (or re-save) the ``SAVED_VIEWS`` on the dataset; returns their names."""
+    for name, view in standard_views(dataset).items():
+        dataset.save_view(name, view, description=SAVED_VIEWS[name], overwrite=True)
+    return list(SAVED_VIEWS)
+
+
+def refresh_saved_views(dataset: "fo.Dataset") -> list[str]:
+    """Regenerate the saved *generated* views (patches, e.g. ``query-items``) after labels changed; returns their names.
+
+    FiftyOne keeps a saved patches view's patches in a backing dataset: without a refresh it keeps showing the
+    attribute values from when it was saved (checked on fiftyone 1.22.1). ``attach_results`` calls this.
+    """
+    refreshed = []
+    for name in dataset.list_saved_views():
+        view = dataset.load_saved_view(name)
+        if getattr(view, "_is_generated", False):
+            view.reload()
+            refreshed.append(name)
+    return refreshed
+
+
+def resolve_view(dataset: "fo.Dataset", view: Any = None) -> Any:
+    """``None`` -> the dataset; a string -> that saved view (clear error listing the saved ones); a view -> itself."""
+    if view is None or (isinstance(view, str) and not view.strip()):
+        return dataset
+    if isinstance(view, str):
+        if not dataset.has_saved_view(view):
+            raise ValueError(f"dataset {dataset.name!r} has no saved view {view!r}; "
+                             f"saved: {dataset.list_saved_views()}")
+        return dataset.load_saved_view(view)
+    return view
+
+
+# --------------------------------------------------------------------------------------------- look-ups
+
+
+def item_index(dataset: "fo.Dataset") -> pd.DataFrame:
+    """One row per detection: ``key`` (index), ``sample_id``, ``label_id``, ``image_key``."""
+    sample_ids, label_ids, keys = dataset.values(
+        ["id", f"{LABEL_FIELD}.detections.id", f"{LABEL_FIELD}.detections.key"])
+    image_keys = dataset.values("image_key")
+    rows = [(k, sid, lid, ik)
+            for sid, lids, ks, ik in zip(sample_ids, label_ids, keys, image_keys)
+            for lid, k in zip(lids or [], ks or [])]
+    table = pd.DataFrame(rows, columns=["key", "sample_id", "label_id", "image_key"])
+    return table.set_index("key")
+
+
+def find_samples(dataset: "fo.Dataset", keys: Iterable[str], ordered: bool = True) -> Any:
+    """The samples (images) holding the given item keys or image keys, in the given order by default.
+
+    Raises ``KeyError`` naming the keys that are not in the dataset.
+    """
+    wanted = list(dict.fromkeys(image_key_of(k) for k in keys))
+    view = dataset.select_by("image_key", wanted, ordered=ordered)
+    if len(view) != len(wanted):
+        present = set(view.values("image_key"))
+        missing = [k for k in wanted if k not in present]
+        raise KeyError(f"{len(missing)} image key(s) not in dataset {dataset.name!r}, e.g. {missing[:3]}")
+    return view
+
+
+def find_items(dataset: "fo.Dataset", keys: Iterable[str], patches: bool = False) -> Any:
+    """The detections with the given item keys: the images with only those boxes, or (``patches=True``) one patch
+    per item. Raises ``KeyError`` naming unknown keys."""
+    from fiftyone import ViewField as F
+
+    wanted = list(dict.fromkeys(keys))
+    view = find_samples(dataset, wanted).filter_labels(LABEL_FIELD, F("key").is_in(wanted))
+    found = set(k for ks in view.values(f"{LABEL_FIELD}.detections.key") for k in (ks or []))
+    missing = [k for k in wanted if k not in found]
+    if missing:
+        raise KeyError(f"{len(missing)} item key(s) not in dataset {dataset.name!r}, e.g. {missing[:3]}")
+    return view.to_patches(LABEL_FIELD) if patches else view
+
+
+def label_ids(dataset: "fo.Dataset", keys: Iterable[str]) -> list[str]:
+    """Detection ids for item keys, in order (for ``select_labels`` or ``set_label_values``)."""
+    index = item_index(dataset)
+    keys = list(keys)
+    missing = [k for k in keys if k not in index.index]
+    if missing:
+        raise KeyError(f"{len(missing)} item key(s) not in dataset {dataset.name!r}, e.g. {missing[:3]}")
+    return index.loc[keys, "label_id"].tolist()
+
+
+# --------------------------------------------------------------------------------------------- results
+
+
+def set_item_values(dataset: "fo.Dataset", field: str, values: Mapping[str, Any],
+                    index: pd.DataFrame | None = None) -> int:
+    """Set detection attribute ``field`` for the items whose key is in ``values`` (key -> value); returns the count.
+
+    Values may be scalars or lists (e.g. top-k gallery keys); numpy types are converted. Unknown keys raise
+    ``KeyError``. Pass ``index`` (``item_index(dataset)``) when calling repeatedly, and call
+    ``refresh_saved_views`` afterwards so saved patches views show the new values.
+    """
+    index = item_index(dataset) if index is None else index
+    missing = [k for k in values if k not in index.index]
+    if missing:
+        raise KeyError(f"{len(missing)} item key(s) not in dataset {dataset.name!r}, e.g. {missing[:3]}")
+    rows = index.loc[list(values)]
+    updates = [{"sample_id": sid, "label_id": lid, "value": _python(v)}
+               for sid, lid, v in zip(rows["sample_id"], rows["label_id"], values.values())]
+    if updates:
+        dataset.set_label_values(f"{LABEL_FIELD}.detections.{field}", updates, dynamic=True)
+    return len(updates)
+
+
+def set_image_values(dataset: "fo.Dataset", field: str, values: Mapping[str, Any]) -> int:
+    """Set sample field ``field`` for the images whose image key (or item key) is in ``values``; returns the count."""
+    by_image = {image_key_of(k): _python(v) for k, v in values.items()}
+    find_samples(dataset, by_image, ordered=False)  # raises on unknown keys
+    if by_image:
+        dataset.set_values(field, by_image, key_field="image_key")
+    return len(by_image)
+
+
+def attach_results(dataset: "fo.Dataset", results: pd.DataFrame, variant: str, level: str = "item",
+                   key_column: str = "key") -> list[str]:
+    """Write a per-query results table into the dataset; returns the field names written.
+
+    ``results`` has one row per query, ``key_column`` holding item keys (``level="item"``: written as detection
+    attributes, visible in the ``query-items`` patches view) or image keys (``level="image"``: sample fields).
+    Every other column ``c`` becomes ``result_field(variant, c)``, e.g. ``topk_keys`` (list), ``topk_scores``,
+    ``first_hit_rank``, ``hit_at_10``, ``ap``.
+    """
+    if level not in ("item", "image"):
+        raise ValueError(f"level must be 'item' or 'image', got {level!r}")
+    if key_column not in results.columns:
+        raise ValueError(f"results table has no {key_column!r} column; columns: {list(results.columns)}")
+    keys = results[key_column].astype(str).tolist()
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"results table has duplicate {key_column!r} values")
+    fields = []
+    index = item_index(dataset) if level == "item" else None
+    for column in results.columns:
+        if column == key_column:
+            continue
+        field = result_field(variant, column)
+        values = dict(zip(keys, results[column].tolist()))
+        if level == "item":
+            set_item_values(dataset, field, values, index=index)
+        else:
+            set_image_values(dataset, field, values)
+        fields.append(field)
+    refresh_saved_views(dataset)
+    return fields
+
+
+# --------------------------------------------------------------------------------------------- App
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (where FiftyOne renders the App inline and refuses remote sessions)."""
+    import fiftyone.core.context as focx
+
+    return focx.is_notebook_context()
+
+
+def _app_server_processes(port: int) -> list[Any]:
+    """This process's descendants that serve the App on ``port`` (FiftyOne's ``main.py --port N``)."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmd = proc.cmdline()
+        except psutil.Error:
+            continue
+        if "--51-service" not in cmd and "--port" in cmd and str(port) in cmd and \
+                any(part.endswith("main.py") for part in cmd):
+            found.append(proc)
+    return found
+
+
+def _close_session(session: Any) -> None:
+    """Close the session and its App server, the server process first and by pid.
+
+    The web server holds no state of its own (everything is in MongoDB), so it is killed outright: its graceful
+    exit takes ~2 s and then hangs ~30 s if the database has gone meanwhile (a kernel killed by Jupyter a few
+    seconds into shutdown takes FiftyOne's database service with it). FiftyOne's service wrapper sees its child
+    exit and ends, so ``session.close()`` then returns at once.
+    """
+    import psutil
+
+    try:
+        servers = _app_server_processes(int(session.server_port))
+        for proc in servers:
+            proc.kill()
+        psutil.wait_procs(servers, timeout=5)
+    except Exception:  # noqa: BLE001 - best effort at exit
+        pass
+    try:
+        session.close()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _raise_system_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
+def install_shutdown(session: Any, sigterm: bool = True) -> None:
+    """Make the App shut down cleanly when the process (script or kernel) exits, and on SIGTERM in a script.
+
+    The exit hook closes the session (stopping the server) while the database is still up. Without it, when this
+    process owns FiftyOne's database, exiting lets the database service stop ``mongod`` first, and the orphaned
+    server then hangs ~30 s in its own exit hook (a MongoDB server-selection timeout) before it goes. With
+    ``sigterm``, SIGTERM becomes ``SystemExit`` so that exit hooks run at all (only from the main thread, and only
+    when no other handler is installed).
+    """
+    atexit.register(_close_session, session)
+    if sigterm and threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _raise_system_exit)
+
+
+def _show_when_connected(session: Any, timeout_s: float = 60.0) -> None:
+    """``session.show()``, retried while the session client is still connecting to a just-started server."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            session.show()
+            return
+        except RuntimeError as exc:
+            if "not connected" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def launch(dataset: "fo.Dataset", view: Any = None, port: int = 5151, remote: bool = False,
+           address: str | None = None, wait: bool = False) -> Any:
+    """Open the FiftyOne App on ``dataset`` (optionally a view or the name of a saved view); returns the Session.
+
+    In a notebook the App renders inline in the cell output; ``remote=True`` raises there (FiftyOne cannot run a
+    remote session from a notebook: use ``python -m capret_utils.fo_app serve --dataset NAME --port P`` in a
+    terminal and forward the port). In a script the App opens in the browser (``remote=False``) or just serves
+    on ``address:port`` (``remote=True``, e.g. ``address="0.0.0.0"`` on a GPU box); ``wait=True`` blocks until
+    SIGTERM / Ctrl-C, and the server is shut down cleanly either way (``install_shutdown``).
+    """
+    import fiftyone as fo
+
+    notebook = in_notebook()
+    if remote and notebook:
+        raise ValueError("remote=True cannot be used from a notebook (FiftyOne refuses remote sessions there); "
+                         "use remote=False to show the App inline, or run `python -m capret_utils.fo_app serve "
+                         f"--dataset {dataset.name} --port {port}` in a terminal and forward the port")
+    target_view = resolve_view(dataset, view)
+    kwargs: dict[str, Any] = {"port": int(port), "remote": bool(remote)}
+    if address:
+        kwargs["address"] = address
+    if target_view is not dataset:
+        kwargs["view"] = target_view
+    if notebook:
+        # FiftyOne 1.22.1 opens the session client before it starts the server; the client's first ping fails and
+        # it retries only 10 s later, so auto-showing right away raises "Client is not connected" on a fresh server.
+        session = fo.launch_app(dataset, auto=False, **kwargs)
+        install_shutdown(session, sigterm=False)  # a kernel keeps its own signal handling
+        try:
+            _show_when_connected(session)
+        except BaseException:
+            _close_session(session)
+            raise
+        session.auto = True
+        return session
+    session = fo.launch_app(dataset, **kwargs)
+    install_shutdown(session)
+    if wait:
+        try:
+            session.wait(-1)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            _close_session(session)
+    return session

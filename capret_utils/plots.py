@@ -1,0 +1,265 @@
+"""Seaborn figures the notebooks show, built from the items table; ``save_figure`` writes them as PNG into a run.
+
+Every figure function takes data and returns a ``matplotlib.figure.Figure`` made without pyplot (nothing
+accumulates in pyplot's figure registry, and no backend is needed); the notebook saves it with
+``save_figure(fig, run_dir, name)`` -> ``<run_dir>/figures/<name>.png`` and shows it with ``inline(fig)``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
+
+from capret_utils.df2 import RELEASED, ReleaseReport, item_retrieval_set
+
+SOURCES = ("user", "shop")
+SOURCE_COLOURS = {"user": "#d95f02", "shop": "#1b9e77"}
+# DeepFashion2 attribute codes (docs/deepfashion2.md §1.2)
+ATTRIBUTE_LABELS: dict[str, dict[int, str]] = {
+    "scale": {1: "small", 2: "moderate", 3: "large"},
+    "occlusion": {1: "slight", 2: "medium", 3: "heavy"},
+    "zoom_in": {1: "no", 2: "medium", 3: "large"},
+    "viewpoint": {1: "not worn", 2: "frontal", 3: "side/back"},
+}
+SCALE_THRESHOLDS = (0.10, 0.40)  # box / image area ratio separating scale 1 | 2 | 3 (DeepFashion2 issue #46)
+
+
+def _figure(width: float, height: float, nrows: int = 1, ncols: int = 1, **kw) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
+    return fig, axes
+
+
+def _sources(items: pd.DataFrame) -> list[str]:
+    return [s for s in SOURCES if s in set(items["source"])]
+
+
+def save_figure(fig: Figure, run_dir: str | os.PathLike, name: str, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``<run_dir>/figures/<name>.png`` (atomically) and return the path."""
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"figure name must be a plain file stem, got {name!r}")
+    out = Path(run_dir) / "figures" / f"{name}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=dpi, format="png")
+    os.replace(tmp, out)
+    return out
+
+
+def inline(fig: Figure, dpi: int = 100):
+    """The figure as an ``IPython.display.Image`` (PNG): shows in any notebook whatever matplotlib backend is active
+    (figures made without pyplot have no inline display of their own)."""
+    import io
+
+    from IPython.display import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png")
+    return Image(data=buffer.getvalue(), format="png")
+
+
+# --------------------------------------------------------------------------------------------- tables
+
+
+def attribute_table(items: pd.DataFrame, attribute: str) -> pd.DataFrame:
+    """Share of items per attribute code within each source: columns ``source``, ``code``, ``label``, ``count``,
+    ``percent`` (percent sums to 100 per source)."""
+    if attribute not in ATTRIBUTE_LABELS:
+        raise ValueError(f"unknown attribute {attribute!r}; one of {list(ATTRIBUTE_LABELS)}")
+    labels = ATTRIBUTE_LABELS[attribute]
+    rows = []
+    for source in _sources(items):
+        sub = items[items["source"] == source][attribute]
+        total = len(sub)
+        for code, label in labels.items():
+            n = int((sub == code).sum())
+            rows.append({"source": source, "code": code, "label": label, "count": n,
+                         "percent": 100.0 * n / total if total else 0.0})
+    return pd.DataFrame(rows, columns=["source", "code", "label", "count", "percent"])
+
+
+def items_per_pair(items: pd.DataFrame) -> pd.DataFrame:
+    """Per ``pair_id``: number of user items, shop items, user images and shop images."""
+    grouped = items.groupby(["pair_id", "source"])
+    n_items = grouped.size().unstack(fill_value=0)
+    n_images = grouped["image_id"].nunique().unstack(fill_value=0)
+    out = pd.DataFrame(index=n_items.index)
+    for source in SOURCES:
+        out[f"{source}_items"] = n_items[source] if source in n_items else 0
+        out[f"{source}_images"] = n_images[source] if source in n_images else 0
+    return out.reset_index()
+
+
+def box_table(items: pd.DataFrame) -> pd.DataFrame:
+    """Per item: relative box width / height, the box / image area ratio and its square root, with source and scale."""
+    w = (items["x2"] - items["x1"]) / items["width"]
+    h = (items["y2"] - items["y1"]) / items["height"]
+    return pd.DataFrame({"key": items["key"], "source": items["source"], "scale": items["scale"],
+                         "rel_width": w, "rel_height": h, "area_ratio": w * h, "sqrt_area": np.sqrt(w * h)})
+
+
+def counts_table(report: ReleaseReport) -> pd.DataFrame:
+    """``df2.check_release`` as a table (quantity, expected, found, match) plus the released DeepFashion2 number
+    for reference when the expected numbers came from elsewhere (the synthetic benchmark's ``synth.json``)."""
+    table = report.to_frame()
+    released = RELEASED.get(report.split)
+    if released is not None and report.expected is not released:
+        table["released_deepfashion2"] = [getattr(released, q, None) for q in table["quantity"]]
+    return table
+
+
+# --------------------------------------------------------------------------------------------- figures
+
+
+def category_counts(items: pd.DataFrame) -> Figure:
+    """Items per category (in category-id order), user vs shop."""
+    import seaborn as sns
+
+    order = (items[["category_id", "category_name"]].drop_duplicates().sort_values("category_id")["category_name"])
+    counts = items.groupby(["category_name", "source"]).size().rename("items").reset_index()
+    fig, axes = _figure(8, 0.35 * len(order) + 1.5)
+    ax = axes[0, 0]
+    sns.barplot(data=counts, y="category_name", x="items", hue="source", order=list(order),
+                hue_order=_sources(items), palette=SOURCE_COLOURS, ax=ax)
+    ax.set(xlabel="items", ylabel="", title=f"Items per category ({len(items):,} items)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for container in ax.containers:
+        ax.bar_label(container, fontsize=7, padding=2)
+    return fig
+
+
+def attribute_distributions(items: pd.DataFrame) -> Figure:
+    """Scale, occlusion, zoom-in and viewpoint: percent of items per code, within user and within shop."""
+    import seaborn as sns
+
+    fig, axes = _figure(11, 6.5, 2, 2)
+    for ax, attribute in zip(axes.flat, ATTRIBUTE_LABELS):
+        table = attribute_table(items, attribute)
+        sns.barplot(data=table, x="label", y="percent", hue="source", hue_order=_sources(items),
+                    order=list(ATTRIBUTE_LABELS[attribute].values()), palette=SOURCE_COLOURS, ax=ax)
+        ax.set(xlabel="", ylabel="% of items", title=attribute.replace("_", "-"), ylim=(0, 108))
+        for container in ax.containers:
+            ax.bar_label(container, fmt="%.0f", fontsize=7, padding=1)
+    fig.suptitle("Item attributes by source")
+    return fig
+
+
+def pair_statistics(items: pd.DataFrame) -> Figure:
+    """Items per pair (user / shop) and positives per query (shop items sharing ``pair_id`` and ``style > 0``)."""
+    import seaborn as sns
+
+    per_pair = items_per_pair(items)
+    long = per_pair.melt(id_vars="pair_id", value_vars=["user_items", "shop_items"], var_name="source",
+                         value_name="items")
+    long["source"] = long["source"].str.replace("_items", "", regex=False)
+    queries = item_retrieval_set(items).queries
+    fig, axes = _figure(11, 3.8, 1, 2)
+    sns.histplot(data=long, x="items", hue="source", hue_order=_sources(items), palette=SOURCE_COLOURS,
+                 discrete=True, multiple="dodge", shrink=0.8, ax=axes[0, 0])
+    axes[0, 0].set(xlabel="items in the pair", ylabel="pairs",
+                   title=f"Items per pair ({len(per_pair):,} pair ids)")
+    if len(queries):
+        sns.histplot(x=queries["n_positives"], discrete=True, color="#7570b3", ax=axes[0, 1])
+        no_pos = int((queries["n_positives"] == 0).sum())
+        axes[0, 1].set(title=f"Positives per query ({len(queries):,} queries; median "
+                             f"{queries['n_positives'].median():.0f}; {no_pos} with none)")
+    else:
+        axes[0, 1].text(0.5, 0.5, "no queries (user items with style > 0)", ha="center", va="center")
+    axes[0, 1].set(xlabel="positive gallery items", ylabel="queries")
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig
+
+
+def box_sizes(items: pd.DataFrame) -> Figure:
+    """Box size: sqrt(box / image area) by source, and the area ratio per scale code (with the 10 % / 40 % cuts)."""
+    import seaborn as sns
+
+    boxes = box_table(items)
+    fig, axes = _figure(11, 3.8, 1, 2)
+    sns.histplot(data=boxes, x="sqrt_area", hue="source", hue_order=_sources(items), palette=SOURCE_COLOURS,
+                 stat="percent", common_norm=False, bins=np.linspace(0, 1, 26), element="step", ax=axes[0, 0])
+    axes[0, 0].set(xlabel="sqrt(box area / image area)", ylabel="% of items (per source)",
+                   title="Box size by source")
+    boxes["scale_label"] = boxes["scale"].map(ATTRIBUTE_LABELS["scale"])
+    sns.boxplot(data=boxes, x="scale_label", y="area_ratio", hue="source", hue_order=_sources(items),
+                order=list(ATTRIBUTE_LABELS["scale"].values()), palette=SOURCE_COLOURS, ax=axes[0, 1],
+                fliersize=2)
+    for cut in SCALE_THRESHOLDS:
+        axes[0, 1].axhline(cut, color="grey", lw=0.8, ls="--")
+    axes[0, 1].set(xlabel="scale", ylabel="box area / image area", title="Area ratio per scale label", ylim=(0, 1))
+    return fig
+
+
+def _thumbnail(path: str, max_side: int) -> tuple[np.ndarray, float]:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        factor = min(1.0, max_side / max(img.size))
+        if factor < 1.0:
+            img = img.resize((max(1, round(img.width * factor)), max(1, round(img.height * factor))))
+        return np.asarray(img), factor
+
+
+def _draw_image(ax, path: str, boxes: pd.DataFrame, highlight: set[str], colour: str, title: str,
+                max_side: int) -> None:
+    pixels, factor = _thumbnail(path, max_side)
+    ax.imshow(pixels)
+    for row in boxes.itertuples(index=False):
+        hit = row.key in highlight
+        ax.add_patch(Rectangle((row.x1 * factor, row.y1 * factor), (row.x2 - row.x1) * factor,
+                               (row.y2 - row.y1) * factor, fill=False, lw=2.2 if hit else 0.9,
+                               ls="-" if hit else "--", edgecolor=colour if hit else "#bbbbbb"))
+    ax.set_title(title, fontsize=7)
+    ax.set_axis_off()
+
+
+def pair_examples(items: pd.DataFrame, n_queries: int = 4, n_gallery: int = 3, seed: int = 0,
+                  max_side: int = 320) -> Figure:
+    """A grid of example queries (user item, red box) with their positive shop images (green boxes).
+
+    Rows are ``n_queries`` queries drawn with ``seed`` among those with at least one positive, each from a different
+    identity when possible; other items in the images are dashed grey.
+    """
+    rset = item_retrieval_set(items)
+    queries = rset.queries[rset.queries["n_positives"] > 0]
+    fig, axes = _figure(2.6 * (1 + n_gallery), 2.6 * max(1, min(n_queries, len(queries))) + 0.4,
+                        max(1, min(n_queries, len(queries))), 1 + n_gallery)
+    if queries.empty:
+        axes[0, 0].text(0.5, 0.5, "no query with a positive", ha="center", va="center")
+        for ax in axes.flat:
+            ax.set_axis_off()
+        return fig
+    rng = np.random.default_rng(seed)
+    one_per_identity = queries.groupby("identity").sample(n=1, random_state=int(rng.integers(2**31)))
+    pool = one_per_identity if len(one_per_identity) >= n_queries else queries
+    chosen = pool.iloc[rng.permutation(len(pool))[:n_queries]]
+    def image_rows(split: str, image_id: int) -> pd.DataFrame:
+        return items[(items["image_id"] == image_id) & (items["split"] == split)]
+
+    for r, (qi, query) in enumerate(chosen.iterrows()):
+        occlusion = ATTRIBUTE_LABELS["occlusion"][query["occlusion"]]
+        viewpoint = ATTRIBUTE_LABELS["viewpoint"][query["viewpoint"]]
+        q_title = f"QUERY {query['key']}\n{query['category_name']} · occl {occlusion} · {viewpoint}"
+        _draw_image(axes[r, 0], query["path"], image_rows(query["split"], query["image_id"]), {query["key"]},
+                    "#e41a1c", q_title, max_side)
+        positives = rset.gallery.iloc[rset.positives[qi]]
+        shown = positives.drop_duplicates(["split", "image_id"]).head(n_gallery)
+        pos_keys = set(positives["key"])
+        for c in range(n_gallery):
+            ax = axes[r, 1 + c]
+            if c < len(shown):
+                g = shown.iloc[c]
+                _draw_image(ax, g["path"], image_rows(g["split"], g["image_id"]), pos_keys, "#4daf4a",
+                            f"positive {g['key']}\n{g['category_name']}", max_side)
+            else:
+                ax.set_axis_off()
+    fig.suptitle("Query (user item) ↔ positive shop images: same pair_id and style > 0")
+    return fig
