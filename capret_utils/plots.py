@@ -263,3 +263,86 @@ def pair_examples(items: pd.DataFrame, n_queries: int = 4, n_gallery: int = 3, s
                 ax.set_axis_off()
     fig.suptitle("Query (user item) ↔ positive shop images: same pair_id and style > 0")
     return fig
+
+
+# --------------------------------------------------------------------------------------------- fine-tuning
+
+
+def training_curves(history: pd.DataFrame, smooth: int = 10) -> Figure:
+    """Fine-tuning history (``capret_utils.train.read_history``): each loss term per step (rolling mean over
+    ``smooth`` steps, raw values faint), and the validation hit@1 / hit@10 / mAP of every evaluation."""
+    import seaborn as sns
+
+    fig, axes = _figure(12, 4.2, 1, 2)
+    train_rows = history[history["kind"] == "train"] if "kind" in history else history.iloc[0:0]
+    terms = [c for c in train_rows.columns if c.startswith("loss_") and train_rows[c].notna().any()]
+    ax = axes[0, 0]
+    if len(train_rows) and terms:
+        long = train_rows.melt(id_vars="step", value_vars=terms, var_name="term", value_name="value")
+        long["term"] = long["term"].str.removeprefix("loss_")
+        long["smoothed"] = long.groupby("term")["value"].transform(
+            lambda s: s.rolling(max(1, smooth), min_periods=1).mean())
+        sns.lineplot(data=long, x="step", y="value", hue="term", alpha=0.2, legend=False, ax=ax)
+        sns.lineplot(data=long, x="step", y="smoothed", hue="term", ax=ax)
+        ax.set(yscale="log", ylabel="loss (unweighted)", title="Training losses")
+    else:
+        ax.text(0.5, 0.5, "no training steps logged", ha="center", va="center")
+    ax = axes[0, 1]
+    evals = history[history["kind"] == "eval"] if "kind" in history else history.iloc[0:0]
+    shown = [c for c in ("top1", "top10", "mAP") if c in evals.columns]
+    if len(evals) and shown:
+        long = evals.melt(id_vars="step", value_vars=shown, var_name="metric", value_name="value")
+        sns.lineplot(data=long, x="step", y="value", hue="metric", marker="o", ax=ax)
+        ax.set(ylim=(0, 1), ylabel="validation (item level)", title="Retrieval during fine-tuning")
+    else:
+        ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center")
+    return fig
+
+
+def zero_shot_vs_finetuned(metrics: dict[str, dict[str, float]]) -> Figure:
+    """Bar chart of the headline metrics per phase, e.g. ``{"zero_shot": {...}, "finetuned": {...}}``."""
+    import seaborn as sns
+
+    rows = [{"phase": phase, "metric": k, "value": float(v)} for phase, vals in metrics.items()
+            for k, v in vals.items() if isinstance(v, (int, float))]
+    frame = pd.DataFrame(rows)
+    fig, axes = _figure(8, 3.5)
+    ax = axes[0, 0]
+    sns.barplot(data=frame, x="metric", y="value", hue="phase", ax=ax)
+    for container in ax.containers:
+        ax.bar_label(container, fmt="%.2f", fontsize=7, padding=2)
+    ax.set(ylim=(0, 1.05), ylabel="", xlabel="", title="Item-level retrieval on validation")
+    return fig
+
+
+class LiveFigure:
+    """A notebook figure redrawn in place from accumulating history rows (a ``train.finetune`` callback).
+
+    ``make(frame) -> Figure`` builds the figure from the rows seen so far; it is redrawn every ``every`` rows and
+    after every evaluation row, into one ``IPython.display`` handle (papermill records the last version).
+    """
+
+    def __init__(self, make, every: int = 25) -> None:
+        self.make = make
+        self.every = max(1, int(every))
+        self.rows: list[dict] = []
+        self.handle = None
+
+    def __call__(self, row: dict) -> None:
+        self.rows.append(dict(row))
+        if row.get("kind") == "eval" or len(self.rows) % self.every == 0:
+            self.refresh()
+
+    def refresh(self) -> None:
+        if not self.rows:
+            return
+        from IPython.display import display
+
+        image = inline(self.make(pd.json_normalize(self.rows)))
+        if self.handle is None:
+            self.handle = display(image, display_id=True)
+        else:
+            self.handle.update(image)
+
+    def close(self) -> None:
+        self.refresh()

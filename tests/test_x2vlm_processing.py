@@ -94,6 +94,14 @@ def test_tokenizer_from_a_vocab_txt_folder(tmp_path, tiny_tokenizer):
     assert torch.equal(tok("a red skirt")["input_ids"], tiny_tokenizer("a red skirt")["input_ids"])
 
 
+def test_wordpiece_builder_is_deterministic():
+    """Same texts, same vocabulary, every call (a trainer with hash-order tie breaks broke resumable training)."""
+    corpus = fashion_caption_corpus() + ["a zebra-striped vest", "vest vest skirt"]
+    vocabs = [build_wordpiece_tokenizer(corpus, vocab_size=150).tokenizer.get_vocab() for _ in range(4)]
+    assert all(v == vocabs[0] for v in vocabs)
+    assert {"z", "##z", "vest", "skirt"} <= set(vocabs[0])  # every character spells; frequent words are whole
+
+
 def test_wordpiece_builder_errors():
     with pytest.raises(ValueError, match="raise vocab_size"):
         build_wordpiece_tokenizer(["abcdefghijklmnopqrstuvwxyz"], vocab_size=30)

@@ -8,7 +8,7 @@ not reproduced here.)
 
 Text: :func:`pre_caption` is the official caption cleaning; :class:`X2VLMTokenizer` wraps a Hugging Face BERT
 WordPiece tokenizer (``bert-base-uncased`` for real checkpoints) with that cleaning and ``max_tokens`` (40).
-Offline, :func:`build_wordpiece_tokenizer` trains a small WordPiece vocabulary with ``tokenizers`` and places
+Offline, :func:`build_wordpiece_tokenizer` builds a small, deterministic WordPiece vocabulary and places
 the special tokens at the ids the model config expects; it saves/loads through ``save_pretrained`` /
 ``from_pretrained`` like any HF tokenizer.
 """
@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -301,7 +302,7 @@ def build_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int,
     """Train a lower-case WordPiece vocabulary of exactly ``vocab_size`` entries on ``texts`` (cleaned with
     :func:`pre_caption`), with the special tokens at ``special_ids`` (default compact ids 0-4; pass
     ``BERT_SPECIAL_IDS`` to match the ``tiny`` preset / bert-base ids). Unused slots become ``[unusedN]``."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import normalizers, pre_tokenizers
     from transformers import BertTokenizer
 
     settings = settings or TextSettings()
@@ -318,14 +319,20 @@ def build_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int,
     if 2 * len(alphabet) > free:
         raise ValueError(f"vocab_size {vocab_size} leaves {free} slots, fewer than the {2 * len(alphabet)} "
                          f"characters and ##-continuations of the corpus alphabet; raise vocab_size")
-    model = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
-    model.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
-    model.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=free, min_frequency=min_frequency, special_tokens=[],
-                                        continuing_subword_prefix="##", show_progress=False)
-    model.train_from_iterator(cleaned, trainer=trainer)
-    learned = [tok for tok, _ in sorted(model.get_vocab().items(), key=lambda kv: kv[1]) if tok not in special]
-    learned = learned[:free]
+    # The vocabulary is chosen here rather than by ``tokenizers.trainers.WordPieceTrainer``: that trainer breaks
+    # frequency ties in hash-map order, so two calls in one process can give different vocabularies (different
+    # token ids -> different random-init runs, and resume could not reproduce a run). Words are split exactly as
+    # BertTokenizer splits them (BERT normaliser + pre-tokeniser); the vocabulary is every character and its
+    # ##-continuation (so any word can be spelled) plus the most frequent whole words, ties broken by the word.
+    normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in cleaned:
+        counts.update(word for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
+    alphabet = sorted({ch for word in counts for ch in word})
+    learned = [t for t in alphabet + ["##" + ch for ch in alphabet] if t not in special]
+    words = sorted((w for w, c in counts.items() if len(w) > 1 and c >= min_frequency), key=lambda w: (-counts[w], w))
+    learned = (learned + [w for w in words if w not in special])[:free]
     fillers = iter(learned + [f"[unused{i}]" for i in range(free - len(learned))])
     by_id = {i: tok for tok, i in special.items()}
     vocab = {(by_id[i] if i in by_id else next(fillers)): i for i in range(vocab_size)}

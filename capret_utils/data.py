@@ -1,0 +1,380 @@
+"""Torch datasets over the items table: image views, texts, identity labels, box targets and P×K batches.
+
+What one training sample is (:class:`ItemDataset`), for an items-table row:
+
+* the **view** the retrieval embedding sees: the item crop (GT box grown by ``context`` × its width/height on
+  each side, clamped to the image) or the whole photo (``view="image"``), through
+  :class:`~capret_utils.x2vlm.X2VLMImageProcessor` (random resized crop + flip when training, square bicubic
+  resize + CLIP normalisation always);
+* the **text** paired with it for ITC / ITM / the box head: the category name (``use_captions="none"``), the
+  study's template caption (``"template"``) or the caption-store caption (``"dialogue"``);
+* the **identity label**: ``(pair_id, style > 0)`` mapped to a contiguous class id over the *training* split
+  (:func:`identity_classes`); ``-1`` for items without an identity (``style == 0``) or an identity unseen in
+  training;
+* optionally the **box target** for the box head: the whole photo (eval preprocessing) and the item box as
+  (cx, cy, w, h) relative to it.
+
+Batches come from :class:`PKBatchSampler` (P identities × K items each, so every batch holds positives for
+ArcFace, ITC's soft targets and ITM's positive exclusion). It yields ``(row, augmentation seed)`` pairs: each
+sample's randomness is a pure function of ``(seed, epoch, batch, slot)``, so batches are identical whatever the
+number of workers and after a resume (the sampler's position is part of the training checkpoint).
+
+Decoded pixels go through :class:`ImageStore`, which crops and shrinks each view to at most ``cache_side``
+pixels (longest side) before the processor resizes it, with or without an in-memory cache, so training,
+evaluation and notebook 04 see the same pixels.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from capret_utils.df2 import identity_key
+from capret_utils.x2vlm.processing import ImageSettings, X2VLMImageProcessor, X2VLMTokenizer
+
+CAPTION_MODES = ("none", "template", "dialogue")
+VIEWS = ("crop", "image")
+
+
+@dataclass
+class DataConfig:
+    """How items become training samples."""
+
+    image_res: int = 64  # square input side of the model, pixels
+    view: str = "crop"  # "crop": GT box + context margin | "image": the whole photo
+    context: float = 0.1  # crop margin on each side, as a fraction of the box width / height
+    use_captions: str = "none"  # text per item: "none" (category name) | "template" | "dialogue" (caption store)
+    box_task: bool = True  # also return the whole photo + item box for the box head
+    augment: bool = True  # random resized crop + horizontal flip of the view (training only)
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # area fraction of the random resized crop
+    hflip_prob: float = 0.5
+    cache: bool = True  # keep decoded, shrunk views in memory (bounded by cache_side)
+    cache_side: int = 0  # longest side a view is shrunk to before the processor; 0 = 2 x image_res
+    identities_per_batch: int = 32  # P of the P×K sampler
+    per_identity: int = 2  # K of the P×K sampler (drawn with replacement when an identity has fewer items)
+
+    def validate(self) -> None:
+        if self.view not in VIEWS:
+            raise ValueError(f"DataConfig.view must be one of {VIEWS}, got {self.view!r}")
+        if self.use_captions not in CAPTION_MODES:
+            raise ValueError(f"DataConfig.use_captions must be one of {CAPTION_MODES}, got {self.use_captions!r}")
+        if not 0 <= self.context <= 2:
+            raise ValueError(f"DataConfig.context must be in [0, 2], got {self.context}")
+        if self.identities_per_batch < 2 or self.per_identity < 1:
+            raise ValueError("DataConfig needs identities_per_batch >= 2 and per_identity >= 1 (got "
+                             f"{self.identities_per_batch}, {self.per_identity})")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"DataConfig.crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.identities_per_batch * self.per_identity
+
+    @property
+    def store_side(self) -> int:
+        return self.cache_side or 2 * self.image_res
+
+
+# ------------------------------------------------------------------------------------------ labels and texts
+
+
+def identity_classes(items: pd.DataFrame) -> list[str]:
+    """Sorted identity keys ``"pair:style"`` (style > 0) of an items table: class id = position in the list."""
+    keys = {identity_key(p, s) for p, s in zip(items["pair_id"].to_numpy(), items["style"].to_numpy())}
+    return sorted(k for k in keys if k is not None)
+
+
+def identity_labels(items: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
+    """Class id per row (``classes`` from :func:`identity_classes`); -1 for style 0 or an unknown identity."""
+    code = {k: i for i, k in enumerate(classes)}
+    out = [code.get(identity_key(p, s), -1) if int(s) > 0 else -1
+           for p, s in zip(items["pair_id"].to_numpy(), items["style"].to_numpy())]
+    return np.asarray(out, dtype=np.int64)
+
+
+def item_texts(items: pd.DataFrame, use_captions: str, captions: Mapping[str, str] | None = None) -> list[str]:
+    """The text of each row: category name, template caption, or the stored caption (``use_captions``).
+
+    ``"dialogue"`` needs ``captions`` (``{key: caption}``, e.g. :func:`capret_utils.captions.load_captions`);
+    keys without a caption raise a ``KeyError`` that counts them and names the first few.
+    """
+    if use_captions not in CAPTION_MODES:
+        raise ValueError(f"use_captions must be one of {CAPTION_MODES}, got {use_captions!r}")
+    if use_captions == "none":
+        return [str(c) for c in items["category_name"]]
+    if use_captions == "template":
+        from capret_utils.captions import template_captions
+
+        table = template_captions(items)
+        return [table[k] for k in items["key"]]
+    if captions is None:
+        raise ValueError("use_captions='dialogue' needs the caption store (captions_path from notebook 02)")
+    missing = [k for k in items["key"] if k not in captions]
+    if missing:
+        raise KeyError(f"{len(missing)} of {len(items)} items have no caption in the caption store, e.g. "
+                       f"{missing[:3]}; caption every split you train on (notebook 02 with split='all')")
+    return [str(captions[k]) for k in items["key"]]
+
+
+def text_ids(texts: Sequence[str], tokenizer: X2VLMTokenizer | None = None) -> np.ndarray:
+    """An int per text, equal for texts that are identical after the tokenizer's caption cleaning."""
+    cleaned = [tokenizer.clean(t) if tokenizer is not None else t for t in texts]
+    table: dict[str, int] = {}
+    return np.asarray([table.setdefault(t, len(table)) for t in cleaned], dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------------ pixels
+
+
+def crop_box(row: Mapping[str, Any], context: float, width: int, height: int) -> tuple[int, int, int, int]:
+    """The item box grown by ``context`` × its width / height on each side, clamped to the image, as integer
+    pixel corners (left, top, right, bottom); at least 1 × 1."""
+    x1, y1, x2, y2 = (float(row[k]) for k in ("x1", "y1", "x2", "y2"))
+    bw, bh = x2 - x1, y2 - y1
+    if not (bw > 0 and bh > 0):
+        raise ValueError(f"item {row.get('key', '?')}: empty box [{x1}, {y1}, {x2}, {y2}] in {row.get('path')}")
+    left = int(np.floor(max(0.0, x1 - context * bw)))
+    top = int(np.floor(max(0.0, y1 - context * bh)))
+    right = int(np.ceil(min(float(width), x2 + context * bw)))
+    bottom = int(np.ceil(min(float(height), y2 + context * bh)))
+    if right - left < 1 or bottom - top < 1:
+        raise ValueError(f"item {row.get('key', '?')}: box [{x1}, {y1}, {x2}, {y2}] lies outside the "
+                         f"{width}x{height} image {row.get('path')}")
+    return left, top, right, bottom
+
+
+def _open(path: str, key: str) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"item {key}: image file {path} (field 'path') not found") from None
+    except OSError as exc:
+        raise ValueError(f"item {key}: cannot read image {path} (field 'path'): {exc}") from None
+
+
+def _shrink(image: Image.Image, side: int) -> Image.Image:
+    if max(image.size) > side:
+        image = image.copy()
+        image.thumbnail((side, side), Image.Resampling.BICUBIC)
+    return image
+
+
+class ImageStore:
+    """Decoded item crops and whole photos, shrunk to ``side`` pixels (longest side), optionally cached.
+
+    ``crop(row, context)`` and ``image(row)`` return PIL images; ``image`` also returns the factor that maps the
+    original pixel coordinates onto the returned image. The same shrinking happens with and without the cache.
+    """
+
+    def __init__(self, side: int, cache: bool = True) -> None:
+        if side < 8:
+            raise ValueError(f"ImageStore side must be >= 8 pixels, got {side}")
+        self.side = int(side)
+        self.cache_enabled = bool(cache)
+        self._crops: dict[tuple, Image.Image] = {}  # (key, context, box) -> shrunk crop
+        self._images: dict[str, tuple[Image.Image, float]] = {}
+        self._last: tuple[str, Image.Image] | None = None  # last decoded full-resolution photo
+
+    def _full(self, row: Mapping[str, Any]) -> Image.Image:
+        path = str(row["path"])
+        if self._last is None or self._last[0] != path:
+            self._last = (path, _open(path, str(row.get("key", "?"))))
+        return self._last[1]
+
+    def crop(self, row: Mapping[str, Any], context: float) -> Image.Image:
+        key = (str(row["key"]), float(context), *(float(row[k]) for k in ("x1", "y1", "x2", "y2")))
+        hit = self._crops.get(key)
+        if hit is not None:
+            return hit
+        full = self._full(row)
+        out = _shrink(full.crop(crop_box(row, context, full.width, full.height)), self.side)
+        if self.cache_enabled:
+            self._crops[key] = out
+        return out
+
+    def image(self, row: Mapping[str, Any]) -> tuple[Image.Image, float]:
+        path = str(row["path"])
+        hit = self._images.get(path)
+        if hit is not None:
+            return hit
+        full = self._full(row)
+        out = _shrink(full, self.side)
+        result = (out, out.width / full.width)
+        if self.cache_enabled:
+            self._images[path] = result
+        return result
+
+    def view(self, row: Mapping[str, Any], view: str, context: float) -> Image.Image:
+        return self.crop(row, context) if view == "crop" else self.image(row)[0]
+
+    def warm(self, items: pd.DataFrame, view: str, context: float, whole_images: bool = False,
+             progress: bool = True, desc: str = "decode") -> None:
+        """Decode every row's view (and whole photo) once, in path order, so the cache is filled."""
+        if not self.cache_enabled:
+            return
+        from tqdm.auto import tqdm
+
+        rows = items.sort_values(["path"], kind="stable").to_dict("records")
+        for row in tqdm(rows, desc=desc, disable=not progress, leave=False):
+            self.view(row, view, context)
+            if whole_images:
+                self.image(row)
+        self._last = None
+
+    def __len__(self) -> int:
+        return len(self._crops) + len(self._images)
+
+
+def build_processor(config: DataConfig) -> X2VLMImageProcessor:
+    return X2VLMImageProcessor(ImageSettings(image_res=config.image_res, crop_scale=tuple(config.crop_scale),
+                                             hflip_prob=config.hflip_prob))
+
+
+# ------------------------------------------------------------------------------------------ dataset
+
+
+class ItemDataset(torch.utils.data.Dataset):
+    """Training samples over an items table; indexed by ``(row, seed)`` pairs from :class:`PKBatchSampler`
+    (an int row means no augmentation randomness: evaluation preprocessing)."""
+
+    def __init__(self, items: pd.DataFrame, texts: Sequence[str], labels: np.ndarray, config: DataConfig,
+                 store: ImageStore | None = None, processor: X2VLMImageProcessor | None = None,
+                 text_group: np.ndarray | None = None) -> None:
+        config.validate()
+        if not (len(items) == len(texts) == len(labels)):
+            raise ValueError(f"items ({len(items)}), texts ({len(texts)}) and labels ({len(labels)}) differ in length")
+        self.items = items.reset_index(drop=True)
+        self.rows = self.items.to_dict("records")
+        self.texts = list(texts)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.text_group = (np.asarray(text_group, dtype=np.int64) if text_group is not None
+                           else text_ids(self.texts))
+        self.config = config
+        self.store = store or ImageStore(config.store_side, config.cache)
+        self.processor = processor or build_processor(config)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        row_idx, seed = (index, None) if isinstance(index, (int, np.integer)) else index
+        row = self.rows[int(row_idx)]
+        cfg = self.config
+        train = cfg.augment and seed is not None
+        rng = np.random.default_rng(int(seed)) if train else None
+        pixels, _ = self.processor.process_one(self.store.view(row, cfg.view, cfg.context), train=train, rng=rng)
+        label = int(self.labels[row_idx])
+        sample = {"pixel_values": torch.from_numpy(pixels), "text": self.texts[row_idx], "label": label,
+                  # ITC/ITM positives: same identity; an item without one only matches itself
+                  "itc_id": label if label >= 0 else -1 - int(row_idx),
+                  "text_id": int(self.text_group[row_idx]), "row": int(row_idx), "key": str(row["key"])}
+        if cfg.box_task:
+            image, factor = self.store.image(row)
+            box = [float(row[k]) * factor for k in ("x1", "y1", "x2", "y2")]
+            box_pixels, target = self.processor.process_one(image, train=False, box=box)
+            sample["box_pixel_values"] = torch.from_numpy(box_pixels)
+            sample["box_target"] = torch.from_numpy(target)
+        return sample
+
+
+class Collator:
+    """Stack a list of samples; tokenise the texts (``padding="longest"``, official training call)."""
+
+    def __init__(self, tokenizer: X2VLMTokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        enc = self.tokenizer([s["text"] for s in samples], padding="longest")
+        batch: dict[str, Any] = {
+            "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+            "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+            "itc_ids": torch.tensor([s["itc_id"] for s in samples], dtype=torch.long),
+            "text_ids": torch.tensor([s["text_id"] for s in samples], dtype=torch.long),
+            "rows": torch.tensor([s["row"] for s in samples], dtype=torch.long),
+            "keys": [s["key"] for s in samples],
+        }
+        if "box_pixel_values" in samples[0]:
+            batch["box_pixel_values"] = torch.stack([s["box_pixel_values"] for s in samples])
+            batch["box_targets"] = torch.stack([s["box_target"] for s in samples])
+        return batch
+
+
+# ------------------------------------------------------------------------------------------ P×K sampling
+
+
+def _seed_of(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint32)[0])
+
+
+class PKBatchSampler(torch.utils.data.Sampler):
+    """Batches of P identities × K items (rows with label >= 0 only), resumable.
+
+    Epoch ``e``: the identities are shuffled with a generator seeded by ``(seed, e)`` and cut into groups of P
+    (the remainder is dropped); each identity contributes K of its rows (without replacement when it has at
+    least K, else with replacement). Every yielded batch is a list of ``(row, augmentation seed)`` pairs.
+    ``state_dict()`` / ``load_state_dict()`` hold ``epoch`` and ``position`` (batches already consumed in the
+    epoch); iteration resumes from there, and :meth:`advance` is called by the training loop after each step.
+    """
+
+    def __init__(self, labels: np.ndarray, identities_per_batch: int, per_identity: int, seed: int = 0) -> None:
+        labels = np.asarray(labels, dtype=np.int64)
+        members: dict[int, list[int]] = {}
+        for row, lab in enumerate(labels):
+            if lab >= 0:
+                members.setdefault(int(lab), []).append(row)
+        if len(members) < identities_per_batch:
+            raise ValueError(f"P×K sampling needs at least P={identities_per_batch} identities with style > 0, "
+                             f"the training items hold {len(members)}; lower identities_per_batch")
+        self.members = {k: np.asarray(v, dtype=np.int64) for k, v in sorted(members.items())}
+        self.classes = np.asarray(sorted(self.members), dtype=np.int64)
+        self.P, self.K, self.seed = int(identities_per_batch), int(per_identity), int(seed)
+        self.epoch = 0
+        self.position = 0
+
+    def __len__(self) -> int:
+        return len(self.classes) // self.P
+
+    def batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """Every batch of ``epoch`` (deterministic)."""
+        rng = np.random.default_rng(_seed_of(self.seed, epoch, 0x5EED))
+        order = self.classes[rng.permutation(len(self.classes))]
+        out = []
+        for b in range(len(self)):
+            rows: list[int] = []
+            for cls in order[b * self.P:(b + 1) * self.P]:
+                pool = self.members[int(cls)]
+                rows.extend(rng.choice(pool, self.K, replace=len(pool) < self.K).tolist())
+            out.append([(r, _seed_of(self.seed, epoch, b, j)) for j, r in enumerate(rows)])
+        return out
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.position = int(epoch), 0
+
+    def advance(self) -> None:
+        self.position += 1
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        yield from self.batches(self.epoch)[self.position:]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"sampler state was saved with seed {state['seed']}, this run uses seed {self.seed}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def text_hash(text: str) -> int:
+    """A stable 31-bit hash of a text (for logs and cache keys; Python's ``hash`` is salted per process)."""
+    return zlib.crc32(text.encode("utf-8")) & 0x7FFFFFFF

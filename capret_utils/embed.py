@@ -1,0 +1,350 @@
+"""Batched embedding extraction with an X2-VLM model bundle: items DataFrame + bundle + config -> (keys, float32).
+
+Representations (:class:`EmbedConfig`):
+
+* ``view="crop"``: the item's GT box grown by ``context`` (the fine-tuning view); ``view="image"``: the whole
+  photo; ``view="predicted"``: the box head's box for the item's text (category name or caption) on the whole
+  photo, then a crop of that box (+ ``context``) — item retrieval without GT boxes;
+* ``fusion="none"``: the image ITC feature (L2-normalised ``vision_proj`` of image token 0) — the retrieval
+  embedding fine-tuning trains with ArcFace; ``fusion="late"``: ``normalise(image_feat + alpha * text_feat)``
+  (both in the ITC space, aligned by ITC); ``fusion="cross"``: the fusion encoder's [CLS] for (caption, image
+  tokens), projected by the model's ``text_proj`` and L2-normalised (the fusion [CLS] continues the text [CLS]'s
+  residual stream; notebook 03 trains this projection of fused pairs with ArcFace, loss term ``arcface_fused``).
+
+:class:`ITMReranker` is the ITM re-ranking hook for :mod:`capret_utils.retrieval` / :mod:`capret_utils.metrics`:
+the query item's caption against each candidate gallery view's image tokens through the fusion layers; score =
+the raw ITM "match" logit (official X2-VLM re-ranking, docs/x2vlm.md §6).
+
+Everything runs under ``torch.no_grad()`` (not ``inference_mode``: Hugging Face BEiT caches its relative
+position index tensor on first use, and an inference-mode tensor in that cache breaks a later training step in
+the same process) and bf16 autocast on CUDA. Embeddings are cached as ``<name>.npy`` + ``<name>.keys.json`` in a
+run folder (:func:`save_embeddings`, :func:`cached_embeddings`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from capret_utils.data import ImageStore, crop_box
+from capret_utils.x2vlm import X2VLMImageProcessor, X2VLMModel, X2VLMTokenizer
+
+VIEWS = ("crop", "image", "predicted")
+FUSIONS = ("none", "late", "cross")
+
+
+@dataclass
+class ModelBundle:
+    """A model with what it needs to embed: tokenizer, image processor and the settings it was trained with
+    (``info``: ``context``, ``cache_side``, ``use_captions``, identity classes, training config …)."""
+
+    model: X2VLMModel
+    tokenizer: X2VLMTokenizer
+    processor: X2VLMImageProcessor
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def image_res(self) -> int:
+        return int(self.model.config.image_res)
+
+    def store(self, cache: bool = False) -> ImageStore:
+        """An :class:`ImageStore` with the shrink side used in training (same pixels as fine-tuning saw)."""
+        side = int(self.info.get("cache_side") or 2 * self.image_res)
+        return ImageStore(side, cache=cache)
+
+
+@dataclass
+class EmbedConfig:
+    """What to embed and how."""
+
+    view: str = "crop"  # "crop" (GT box + context) | "image" (whole photo) | "predicted" (box head box + context)
+    context: float | None = None  # crop margin per side (fraction of box w/h); None = the bundle's training value
+    fusion: str = "none"  # "none" (image feature) | "late" (image + alpha * text feature) | "cross" (fusion [CLS])
+    alpha: float = 1.0  # late fusion text weight
+    batch_size: int = 64  # images per forward pass
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    cache_images: bool = False  # keep decoded views in memory (repeated calls over the same items)
+    progress: bool = True  # tqdm bars
+
+    def validate(self) -> None:
+        if self.view not in VIEWS:
+            raise ValueError(f"EmbedConfig.view must be one of {VIEWS}, got {self.view!r}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"EmbedConfig.fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"EmbedConfig.batch_size must be >= 1, got {self.batch_size}")
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA, a no-op elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _batches(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _bar(total: int, desc: str, show: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not show, leave=False, unit="img")
+
+
+def _context(bundle: ModelBundle, config: EmbedConfig) -> float:
+    return float(config.context if config.context is not None else bundle.info.get("context", 0.1))
+
+
+def _pixels(bundle: ModelBundle, images: Sequence[Any]) -> torch.Tensor:
+    arrays = [bundle.processor.process_one(im, train=False)[0] for im in images]
+    return torch.from_numpy(np.stack(arrays)).to(bundle.device)
+
+
+def _texts_for(items: pd.DataFrame, texts: Sequence[str] | None, what: str) -> list[str]:
+    if texts is None:
+        raise ValueError(f"{what} needs one text per item (captions or category names)")
+    if len(texts) != len(items):
+        raise ValueError(f"{what}: got {len(texts)} texts for {len(items)} items")
+    return [str(t) for t in texts]
+
+
+@torch.no_grad()
+def embed_texts(texts: Sequence[str], bundle: ModelBundle, config: EmbedConfig | None = None,
+                ) -> np.ndarray:
+    """L2-normalised text ITC features (n, embed_dim), float32."""
+    config = config or EmbedConfig()
+    model, out = bundle.model.eval(), []
+    for sl in _batches(len(texts), max(config.batch_size, 1)):
+        enc = bundle.tokenizer(list(texts[sl]))
+        with autocast(bundle.device, config.bf16):
+            emb = model.get_text_embeds(enc["input_ids"].to(bundle.device), enc["attention_mask"].to(bundle.device))
+            out.append(model.get_text_feat(emb).float().cpu())
+    dim = int(model.config.embed_dim)
+    return torch.cat(out).numpy() if out else np.zeros((0, dim), np.float32)
+
+
+@torch.no_grad()
+def predict_boxes(items: pd.DataFrame, bundle: ModelBundle, texts: Sequence[str] | None = None,
+                  config: EmbedConfig | None = None, store: ImageStore | None = None) -> np.ndarray:
+    """The box head's box for each item (its text on the whole photo) as (x1, y1, x2, y2) in original pixels.
+
+    ``texts`` default to the category names (what the box loss trains with when captions are off).
+    """
+    config = config or EmbedConfig()
+    texts = [str(c) for c in items["category_name"]] if texts is None else _texts_for(items, texts, "predict_boxes")
+    store = store or bundle.store(config.cache_images)
+    model, rows, out = bundle.model.eval(), items.to_dict("records"), []
+    bar = _bar(len(rows), "predict boxes", config.progress)
+    for sl in _batches(len(rows), config.batch_size):
+        batch = rows[sl]
+        pv = _pixels(bundle, [store.image(r)[0] for r in batch])
+        enc = bundle.tokenizer(texts[sl])
+        ids, mask = enc["input_ids"].to(bundle.device), enc["attention_mask"].to(bundle.device)
+        with autocast(bundle.device, config.bf16):
+            image_embeds, _ = model.get_image_embeds(pv)
+            fused = model.get_fusion_embeds(model.get_text_embeds(ids, mask), mask, image_embeds)
+            box = model.predict_bbox(fused).float().cpu().numpy()
+        for r, (cx, cy, w, h) in zip(batch, box):
+            W, H = float(r["width"]), float(r["height"])
+            out.append([(cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H])
+        bar.update(len(batch))
+    bar.close()
+    boxes = np.asarray(out, dtype=np.float32).reshape(-1, 4)
+    # clamp into the image and keep at least one pixel
+    w_img, h_img = items["width"].to_numpy(np.float32), items["height"].to_numpy(np.float32)
+    boxes[:, 0] = np.clip(boxes[:, 0], 0, w_img - 1)
+    boxes[:, 1] = np.clip(boxes[:, 1], 0, h_img - 1)
+    boxes[:, 2] = np.clip(np.maximum(boxes[:, 2], boxes[:, 0] + 1), 1, w_img)
+    boxes[:, 3] = np.clip(np.maximum(boxes[:, 3], boxes[:, 1] + 1), 1, h_img)
+    return boxes
+
+
+def _views(items: pd.DataFrame, bundle: ModelBundle, config: EmbedConfig, texts: Sequence[str] | None,
+           store: ImageStore) -> Callable[[int], Any]:
+    """A function row -> PIL view for the configured ``view``."""
+    context = _context(bundle, config)
+    rows = items.to_dict("records")
+    if config.view == "crop":
+        return lambda i: store.crop(rows[i], context)
+    if config.view == "image":
+        return lambda i: store.image(rows[i])[0]
+    boxes = predict_boxes(items, bundle, texts, config, store)
+    predicted = [{**r, "x1": float(b[0]), "y1": float(b[1]), "x2": float(b[2]), "y2": float(b[3])}
+                 for r, b in zip(rows, boxes)]
+    return lambda i: store.crop(predicted[i], context)
+
+
+@torch.no_grad()
+def embed_items(items: pd.DataFrame, bundle: ModelBundle, config: EmbedConfig | None = None,
+                texts: Sequence[str] | None = None, store: ImageStore | None = None,
+                ) -> tuple[list[str], np.ndarray]:
+    """Embed every row of an items table: ``(keys, float32 (n, embed_dim))``, L2-normalised.
+
+    ``texts`` (one per row) are needed for ``fusion="late" | "cross"`` and used by ``view="predicted"`` (default
+    there: category names).
+    """
+    config = config or EmbedConfig()
+    config.validate()
+    if config.fusion != "none":
+        texts = _texts_for(items, texts, f"fusion={config.fusion!r}")
+    store = store or bundle.store(config.cache_images)
+    model = bundle.model.eval()
+    view = _views(items, bundle, config, texts, store)
+    keys = [str(k) for k in items["key"]]
+    out = []
+    bar = _bar(len(keys), f"embed {config.view}" + (f"+{config.fusion}" if config.fusion != "none" else ""),
+               config.progress)
+    for sl in _batches(len(keys), config.batch_size):
+        pv = _pixels(bundle, [view(i) for i in range(sl.start, sl.stop)])
+        with autocast(bundle.device, config.bf16):
+            image_embeds, image_feat = model.get_image_embeds(pv)
+            if config.fusion == "none":
+                feat = image_feat
+            else:
+                enc = bundle.tokenizer(texts[sl])
+                ids, mask = enc["input_ids"].to(bundle.device), enc["attention_mask"].to(bundle.device)
+                text_embeds = model.get_text_embeds(ids, mask)
+                if config.fusion == "late":
+                    feat = image_feat.float() + config.alpha * model.get_text_feat(text_embeds).float()
+                else:
+                    fused = model.get_fusion_embeds(text_embeds, mask, image_embeds)
+                    feat = model.text_proj(fused[:, 0, :])
+        out.append(F.normalize(feat.float(), dim=-1).cpu())
+        bar.update(sl.stop - sl.start)
+    bar.close()
+    dim = int(model.config.embed_dim)
+    return keys, (torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, dim), np.float32))
+
+
+@torch.no_grad()
+def embed_images(images: pd.DataFrame, bundle: ModelBundle, config: EmbedConfig | None = None,
+                 store: ImageStore | None = None) -> tuple[list[str], np.ndarray]:
+    """Whole-photo image features for an image table (``metrics.image_sets`` rows: ``key``, ``path``):
+    ``(image keys, float32 (n, embed_dim))``."""
+    config = config or EmbedConfig()
+    store = store or bundle.store(config.cache_images)
+    model = bundle.model.eval()
+    rows = [{"path": p, "key": k} for p, k in zip(images["path"], images["key"])]
+    out = []
+    bar = _bar(len(rows), "embed images", config.progress)
+    for sl in _batches(len(rows), config.batch_size):
+        pv = _pixels(bundle, [store.image(r)[0] for r in rows[sl]])
+        with autocast(bundle.device, config.bf16):
+            out.append(model.get_image_embeds(pv)[1].float().cpu())
+        bar.update(sl.stop - sl.start)
+    bar.close()
+    dim = int(model.config.embed_dim)
+    return [str(k) for k in images["key"]], (torch.cat(out).numpy() if out else np.zeros((0, dim), np.float32))
+
+
+class ITMReranker:
+    """ITM re-ranking hook: ``scorer(query_rows (b,), candidates (b, k)) -> (b, k)`` raw ITM "match" logits of
+    (query caption, candidate gallery view) pairs; -inf for empty slots (-1).
+
+    The gallery views' image tokens are computed once (stored in float16 on the CPU; ``n × (1 + N) × width``
+    values) and the query captions' text states per call.
+    """
+
+    def __init__(self, bundle: ModelBundle, query_texts: Sequence[str], gallery: pd.DataFrame,
+                 config: EmbedConfig | None = None, gallery_texts: Sequence[str] | None = None) -> None:
+        self.bundle = bundle
+        self.config = config or EmbedConfig()
+        self.query_texts = [str(t) for t in query_texts]
+        store = bundle.store(self.config.cache_images)
+        view = _views(gallery, bundle, self.config, gallery_texts, store)
+        model = bundle.model.eval()
+        tokens = []
+        with torch.no_grad():
+            for sl in _batches(len(gallery), self.config.batch_size):
+                pv = _pixels(bundle, [view(i) for i in range(sl.start, sl.stop)])
+                with autocast(bundle.device, self.config.bf16):
+                    tokens.append(model.get_image_embeds(pv)[0].to(torch.float16).cpu())
+        self.gallery_tokens = torch.cat(tokens) if tokens else torch.zeros(0)
+
+    @torch.no_grad()
+    def __call__(self, query_rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        query_rows = np.asarray(query_rows, dtype=np.int64)
+        candidates = np.asarray(candidates, dtype=np.int64)
+        b, k = candidates.shape
+        scores = np.full((b, k), -np.inf, dtype=np.float32)
+        pairs = [(i, j) for i in range(b) for j in range(k) if candidates[i, j] >= 0]
+        model, device = self.bundle.model.eval(), self.bundle.device
+        for sl in _batches(len(pairs), self.config.batch_size):
+            chunk = pairs[sl]
+            enc = self.bundle.tokenizer([self.query_texts[query_rows[i]] for i, _ in chunk])
+            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            image_embeds = self.gallery_tokens[[int(candidates[i, j]) for i, j in chunk]].to(device)
+            with autocast(device, self.config.bf16):
+                text_embeds = model.get_text_embeds(ids, mask)
+                fused = model.get_fusion_embeds(text_embeds, mask, image_embeds.to(text_embeds.dtype))
+                logits = model.itm_logits(fused)[:, 1].float().cpu().numpy()
+            for (i, j), s in zip(chunk, logits):
+                scores[i, j] = s
+        return scores
+
+
+# ------------------------------------------------------------------------------------------ caching on disk
+
+
+def _paths(folder: str | os.PathLike, name: str) -> tuple[Path, Path]:
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"embedding name must be a plain file stem, got {name!r}")
+    folder = Path(folder)
+    return folder / f"{name}.npy", folder / f"{name}.keys.json"
+
+
+def save_embeddings(folder: str | os.PathLike, name: str, keys: Sequence[str], array: np.ndarray) -> Path:
+    """Write ``<folder>/<name>.npy`` (float32) and ``<name>.keys.json`` atomically (keys last)."""
+    if len(keys) != len(array):
+        raise ValueError(f"{len(keys)} keys for {len(array)} embedding rows")
+    npy, keyfile = _paths(folder, name)
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    tmp = npy.with_name(f".{npy.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.asarray(array, dtype=np.float32))
+    os.replace(tmp, npy)
+    tmp = keyfile.with_name(f".{keyfile.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(list(map(str, keys))))
+    os.replace(tmp, keyfile)
+    return npy
+
+
+def load_embeddings(folder: str | os.PathLike, name: str) -> tuple[list[str], np.ndarray]:
+    """Read what :func:`save_embeddings` wrote; a missing or inconsistent pair raises naming the file."""
+    npy, keyfile = _paths(folder, name)
+    if not npy.is_file() or not keyfile.is_file():
+        raise FileNotFoundError(f"embeddings {npy} / {keyfile} not found")
+    keys = json.loads(keyfile.read_text())
+    array = np.load(npy)
+    if array.ndim != 2 or len(keys) != len(array):
+        raise ValueError(f"{npy}: {array.shape} rows do not match the {len(keys)} keys in {keyfile}")
+    return keys, array
+
+
+def cached_embeddings(folder: str | os.PathLike, name: str, keys: Sequence[str],
+                      compute: Callable[[], tuple[list[str], np.ndarray]]) -> tuple[list[str], np.ndarray]:
+    """Load ``name`` from ``folder`` when it holds exactly ``keys`` (same order), else compute and save it."""
+    try:
+        got_keys, array = load_embeddings(folder, name)
+        if list(got_keys) == list(map(str, keys)):
+            return got_keys, array
+    except (FileNotFoundError, ValueError):
+        pass
+    got_keys, array = compute()
+    save_embeddings(folder, name, got_keys, array)
+    return got_keys, array

@@ -1,0 +1,195 @@
+"""Datasets over the items table: labels, texts, crops, box targets, P×K sampling (on the smoke benchmark)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from capret_utils import data as D
+from capret_utils import df2
+from capret_utils.x2vlm import build_wordpiece_tokenizer, fashion_caption_corpus
+
+
+@pytest.fixture(scope="module")
+def train_items(smoke_root):
+    return df2.load_items(smoke_root / "train")
+
+
+def test_identity_classes_and_labels(train_items):
+    classes = D.identity_classes(train_items)
+    expected = sorted({f"{p}:{s}" for p, s in zip(train_items["pair_id"], train_items["style"]) if s > 0})
+    assert classes == expected
+    labels = D.identity_labels(train_items, classes)
+    for row, lab in zip(train_items.itertuples(), labels):
+        if row.style == 0:
+            assert lab == -1
+        else:
+            assert classes[lab] == f"{row.pair_id}:{row.style}"
+    # an identity unseen in training maps to -1
+    other = train_items.head(1).assign(pair_id=999_999, style=1)
+    assert D.identity_labels(other, classes).tolist() == [-1]
+
+
+def test_item_texts_modes(train_items):
+    assert D.item_texts(train_items, "none") == list(train_items["category_name"])
+    template = D.item_texts(train_items, "template")
+    assert template[0].startswith(f"An image of a {train_items['category_name'].iloc[0]}")
+    caps = {k: f"caption {i}" for i, k in enumerate(train_items["key"])}
+    assert D.item_texts(train_items, "dialogue", caps)[3] == "caption 3"
+    del caps[train_items["key"].iloc[5]], caps[train_items["key"].iloc[7]]
+    with pytest.raises(KeyError, match=r"2 of 24 items have no caption"):
+        D.item_texts(train_items, "dialogue", caps)
+    with pytest.raises(ValueError, match="caption store"):
+        D.item_texts(train_items, "dialogue", None)
+    with pytest.raises(ValueError, match="use_captions"):
+        D.item_texts(train_items, "llm")
+
+
+def test_text_ids_group_identical_cleaned_texts():
+    tok = build_wordpiece_tokenizer(fashion_caption_corpus(), 256)
+    ids = D.text_ids(["A red skirt.", "a red skirt", "a blue skirt"], tok)
+    assert ids[0] == ids[1] != ids[2]
+
+
+def test_crop_box_hand_computed():
+    row = {"key": "k", "x1": 10.0, "y1": 20.0, "x2": 50.0, "y2": 80.0}
+    assert D.crop_box(row, 0.1, 100, 100) == (6, 14, 54, 86)
+    assert D.crop_box(row, 0.5, 60, 90) == (0, 0, 60, 90)  # clamped to the image
+    assert D.crop_box(row, 0.0, 100, 100) == (10, 20, 50, 80)
+    with pytest.raises(ValueError, match="empty box"):
+        D.crop_box({**row, "x2": 10.0}, 0.1, 100, 100)
+
+
+def test_image_store_same_pixels_with_and_without_cache(train_items):
+    row = train_items.iloc[2].to_dict()
+    cached, plain = D.ImageStore(48, cache=True), D.ImageStore(48, cache=False)
+    a, b = cached.crop(row, 0.1), plain.crop(row, 0.1)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert max(a.size) <= 48
+    with Image.open(row["path"]) as im:
+        ref = im.convert("RGB").crop(D.crop_box(row, 0.1, im.width, im.height))
+    ref.thumbnail((48, 48), Image.Resampling.BICUBIC)
+    assert np.array_equal(np.asarray(a), np.asarray(ref))
+    assert cached.crop(row, 0.1) is a and len(cached) == 1
+    image, factor = cached.image(row)
+    assert max(image.size) <= 48 and factor == pytest.approx(image.width / row["width"])
+
+
+def test_image_store_names_a_missing_file(train_items):
+    row = {**train_items.iloc[0].to_dict(), "path": "/nonexistent/000001.jpg"}
+    with pytest.raises(FileNotFoundError, match=r"item train/000001/item1: image file /nonexistent"):
+        D.ImageStore(32).crop(row, 0.1)
+
+
+def _dataset(items, **kw) -> D.ItemDataset:
+    cfg = D.DataConfig(image_res=32, **kw)
+    labels = D.identity_labels(items, D.identity_classes(items))
+    return D.ItemDataset(items, D.item_texts(items, "none"), labels, cfg)
+
+
+def test_dataset_samples_are_deterministic_per_seed(train_items):
+    ds = _dataset(train_items, identities_per_batch=2)
+    a, b, c = ds[(3, 11)], ds[(3, 11)], ds[(3, 12)]
+    assert torch.equal(a["pixel_values"], b["pixel_values"])
+    assert not torch.equal(a["pixel_values"], c["pixel_values"])
+    assert a["pixel_values"].shape == (3, 32, 32) and a["text"] == train_items["category_name"].iloc[3]
+    assert a["label"] >= 0 and a["itc_id"] == a["label"]
+    # an unlabelled item only matches itself
+    s0 = ds[(0, 1)]
+    assert s0["label"] == -1 and s0["itc_id"] == -1
+    # an int index = evaluation preprocessing of the stored crop
+    ev = ds[3]
+    ref, _ = ds.processor.process_one(ds.store.crop(ds.rows[3], 0.1), train=False)
+    assert np.array_equal(ev["pixel_values"].numpy(), ref)
+
+
+def test_dataset_box_target_is_the_item_box_relative_to_the_photo(train_items):
+    ds = _dataset(train_items, identities_per_batch=2, box_task=True)
+    for i in (2, 9, 23):
+        r = train_items.iloc[i]
+        target = ds[i]["box_target"].numpy()
+        image, factor = ds.store.image(ds.rows[i])
+        # square resize of the whole (shrunk) photo: relative coordinates survive up to the shrink rounding
+        expected = np.array([(r.x1 + r.x2) / 2 / r.width, (r.y1 + r.y2) / 2 / r.height,
+                             (r.x2 - r.x1) / r.width, (r.y2 - r.y1) / r.height])
+        np.testing.assert_allclose(target, expected, atol=0.02)
+        assert ds[i]["box_pixel_values"].shape == (3, 32, 32)
+
+
+def test_whole_image_view(train_items):
+    ds = _dataset(train_items, identities_per_batch=2, view="image", box_task=False)
+    a, b = ds[0], ds[1]  # two items of one photo: the same whole-image pixels, different texts
+    assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["text"] != b["text"]
+    assert "box_target" not in a
+
+
+def test_pk_sampler_batches(train_items):
+    labels = D.identity_labels(train_items, D.identity_classes(train_items))
+    sampler = D.PKBatchSampler(labels, identities_per_batch=3, per_identity=2, seed=5)
+    assert len(sampler) == 6 // 3
+    batches = list(sampler)
+    assert len(batches) == 2
+    seen = Counter()
+    for batch in batches:
+        rows = [r for r, _ in batch]
+        assert len(rows) == 6
+        ids = [labels[r] for r in rows]
+        assert all(i >= 0 for i in ids)
+        counts = Counter(ids)
+        assert len(counts) == 3 and set(counts.values()) == {2}
+        seen.update(counts)
+        assert len({s for _, s in batch}) == 6  # every slot has its own augmentation seed
+    assert len(seen) == 6  # one epoch visits every identity once
+    # deterministic per (seed, epoch), different across epochs
+    assert D.PKBatchSampler(labels, 3, 2, seed=5).batches(0) == batches
+    assert sampler.batches(1) != batches
+
+
+def test_pk_sampler_resumes_mid_epoch(train_items):
+    labels = D.identity_labels(train_items, D.identity_classes(train_items))
+    a = D.PKBatchSampler(labels, 2, 2, seed=1)
+    a.set_epoch(3)
+    full = list(a)
+    a.advance()
+    state = a.state_dict()
+    b = D.PKBatchSampler(labels, 2, 2, seed=1)
+    b.load_state_dict(state)
+    assert list(b) == full[1:]
+    with pytest.raises(ValueError, match="seed"):
+        D.PKBatchSampler(labels, 2, 2, seed=2).load_state_dict(state)
+
+
+def test_pk_sampler_draws_with_replacement_for_small_identities():
+    labels = np.array([0, 1, 1, 1, 2, -1])
+    batch = D.PKBatchSampler(labels, 3, 3, seed=0).batches(0)[0]
+    rows = [r for r, _ in batch]
+    assert rows.count(0) == 3 and rows.count(4) == 3 and sorted(r for r in rows if labels[r] == 1) == [1, 2, 3]
+    with pytest.raises(ValueError, match="at least P=4 identities"):
+        D.PKBatchSampler(labels, 4, 2)
+
+
+def test_collator(train_items):
+    ds = _dataset(train_items, identities_per_batch=2, box_task=True)
+    tok = build_wordpiece_tokenizer(fashion_caption_corpus() + list(train_items["category_name"]), 256)
+    batch = D.Collator(tok)([ds[(i, i)] for i in (2, 3, 4, 9)])
+    assert batch["pixel_values"].shape == (4, 3, 32, 32)
+    assert batch["input_ids"].shape[0] == 4 and batch["attention_mask"].shape == batch["input_ids"].shape
+    assert batch["box_pixel_values"].shape == (4, 3, 32, 32) and batch["box_targets"].shape == (4, 4)
+    assert batch["keys"] == [train_items["key"].iloc[i] for i in (2, 3, 4, 9)]
+    assert batch["labels"].dtype == torch.long
+
+
+def test_data_config_validation():
+    with pytest.raises(ValueError, match="view"):
+        D.DataConfig(view="patch").validate()
+    with pytest.raises(ValueError, match="use_captions"):
+        D.DataConfig(use_captions="llm").validate()
+    with pytest.raises(ValueError, match="crop_scale"):
+        D.DataConfig(crop_scale=(0.0, 1.0)).validate()
+    assert D.DataConfig(image_res=64).store_side == 128
+    pd.testing.assert_frame_equal(pd.DataFrame(), pd.DataFrame())

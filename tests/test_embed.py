@@ -1,0 +1,187 @@
+"""Embedding extraction against direct model calls, hand-set box heads, the ITM hook and the .npy cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from capret_utils import df2, metrics
+from capret_utils import embed as E
+from capret_utils.data import ImageStore
+from capret_utils.x2vlm import (
+    BERT_SPECIAL_IDS,
+    ImageSettings,
+    X2VLMConfig,
+    X2VLMImageProcessor,
+    X2VLMModel,
+    build_wordpiece_tokenizer,
+    fashion_caption_corpus,
+)
+
+
+@pytest.fixture(scope="module")
+def val_items(smoke_root):
+    return df2.load_items(smoke_root / "validation")
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    torch.manual_seed(0)
+    config = X2VLMConfig.preset("tiny")
+    model = X2VLMModel(config).eval()
+    tok = build_wordpiece_tokenizer(fashion_caption_corpus(), config.vocab_size, special_ids=BERT_SPECIAL_IDS)
+    proc = X2VLMImageProcessor(ImageSettings(image_res=config.image_res))
+    return E.ModelBundle(model, tok, proc, {"context": 0.1, "cache_side": 64})
+
+
+def _direct(bundle, images):
+    pv = torch.from_numpy(np.stack([bundle.processor.process_one(im, train=False)[0] for im in images]))
+    with torch.no_grad():
+        return bundle.model.get_image_embeds(pv)
+
+
+def test_crop_embeddings_match_direct_model_calls(bundle, val_items):
+    cfg = E.EmbedConfig(view="crop", batch_size=4, progress=False)
+    keys, emb = E.embed_items(val_items, bundle, cfg)
+    assert keys == list(val_items["key"]) and emb.dtype == np.float32
+    assert emb.shape == (len(val_items), bundle.model.config.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    store = ImageStore(64)
+    _, feat = _direct(bundle, [store.crop(r, 0.1) for r in val_items.to_dict("records")])
+    np.testing.assert_allclose(emb, feat.numpy(), atol=1e-5)
+    # batch size does not change the result
+    _, emb2 = E.embed_items(val_items, bundle, E.EmbedConfig(view="crop", batch_size=64, progress=False))
+    np.testing.assert_allclose(emb, emb2, atol=1e-5)
+
+
+def test_whole_image_view_gives_equal_rows_for_one_photo(bundle, val_items):
+    _, emb = E.embed_items(val_items, bundle, E.EmbedConfig(view="image", progress=False))
+    same = val_items.groupby("path").indices
+    multi = [rows for rows in same.values() if len(rows) > 1]
+    assert multi, "the smoke benchmark has photos with several items"
+    for rows in multi:
+        np.testing.assert_allclose(emb[rows], np.repeat(emb[rows[:1]], len(rows), 0), atol=1e-6)
+    images, _ = metrics.image_sets(val_items)
+    ikeys, iemb = E.embed_images(images, bundle, E.EmbedConfig(progress=False))
+    assert ikeys == list(images["key"]) and iemb.shape == (len(images), bundle.model.config.embed_dim)
+
+
+def _constant_box_head(model: X2VLMModel, cx: float, cy: float, w: float, h: float) -> None:
+    last = model.bbox_head[3]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.logit(torch.tensor([cx, cy, w, h])))
+
+
+def test_predicted_boxes_hand_computed(bundle, val_items):
+    state = {k: v.clone() for k, v in bundle.model.bbox_head.state_dict().items()}
+    try:
+        _constant_box_head(bundle.model, 0.5, 0.5, 0.5, 0.5)
+        boxes = E.predict_boxes(val_items, bundle, config=E.EmbedConfig(progress=False))
+        W, H = val_items["width"].to_numpy(), val_items["height"].to_numpy()
+        expected = np.stack([0.25 * W, 0.25 * H, 0.75 * W, 0.75 * H], 1)
+        np.testing.assert_allclose(boxes, expected, rtol=1e-4)
+        # a predicted crop view = crop of that box (+ context)
+        sub = val_items.head(3)
+        _, emb = E.embed_items(sub, bundle, E.EmbedConfig(view="predicted", progress=False))
+        moved = sub.copy()
+        moved[["x1", "y1", "x2", "y2"]] = expected[:3]
+        _, ref = E.embed_items(moved, bundle, E.EmbedConfig(view="crop", progress=False, batch_size=1))
+        np.testing.assert_allclose(emb, ref, atol=1e-5)
+    finally:
+        bundle.model.bbox_head.load_state_dict(state)
+
+
+def test_late_and_cross_fusion(bundle, val_items):
+    texts = [f"a {c}" for c in val_items["category_name"]]
+    cfg = E.EmbedConfig(view="crop", progress=False)
+    _, img = E.embed_items(val_items, bundle, cfg)
+    txt = E.embed_texts(texts, bundle)
+    np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1.0, atol=1e-5)
+    _, late = E.embed_items(val_items, bundle, E.EmbedConfig(fusion="late", alpha=0.5, progress=False), texts)
+    ref = img + 0.5 * txt
+    np.testing.assert_allclose(late, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-5)
+    _, cross = E.embed_items(val_items, bundle, E.EmbedConfig(fusion="cross", progress=False), texts)
+    store = ImageStore(64)
+    embeds, _ = _direct(bundle, [store.crop(r, 0.1) for r in val_items.to_dict("records")])
+    enc = bundle.tokenizer(texts)
+    with torch.no_grad():
+        te = bundle.model.get_text_embeds(enc["input_ids"], enc["attention_mask"])
+        fused = bundle.model.get_fusion_embeds(te, enc["attention_mask"], embeds)
+        manual = F.normalize(bundle.model.text_proj(fused[:, 0]), dim=-1).numpy()
+    np.testing.assert_allclose(cross, manual, atol=1e-5)
+    with pytest.raises(ValueError, match="one text per item"):
+        E.embed_items(val_items, bundle, E.EmbedConfig(fusion="late", progress=False))
+
+
+def test_itm_reranker_scores_and_metrics_hook(bundle, val_items):
+    queries, gallery = metrics.item_sets(val_items)
+    qtexts = list(queries["category_name"])
+    cfg = E.EmbedConfig(progress=False, batch_size=5)
+    scorer = E.ITMReranker(bundle, qtexts, gallery, cfg)
+    cand = np.array([[0, 1, -1], [2, 0, 1]])
+    scores = scorer(np.array([0, 1]), cand)
+    assert scores.shape == (2, 3) and np.isneginf(scores[0, 2])
+    store = ImageStore(64)
+    grow = gallery.to_dict("records")
+    for i, j in [(0, 0), (1, 2)]:
+        q, g = [0, 1][i], cand[i, j]
+        embeds, _ = _direct(bundle, [store.crop(grow[g], 0.1)])
+        enc = bundle.tokenizer([qtexts[q]])
+        with torch.no_grad():
+            te = bundle.model.get_text_embeds(enc["input_ids"], enc["attention_mask"])
+            fused = bundle.model.get_fusion_embeds(te, enc["attention_mask"],
+                                                   embeds.to(torch.float16).to(torch.float32))
+            expected = bundle.model.itm_logits(fused)[0, 1].item()
+        assert scores[i, j] == pytest.approx(expected, abs=1e-4)
+    _, q = E.embed_items(queries, bundle, cfg)
+    _, g = E.embed_items(gallery, bundle, cfg)
+    res = metrics.evaluate_items(q, g, queries, gallery, ks=(1, 2), rerank=scorer, rerank_k=4,
+                                 config=metrics.EvalConfig(progress=False))
+    assert res.metrics["rerank_k"] == 4 and 0 <= res.metrics["mAP"] <= 1
+
+
+def test_embedding_then_training_still_works(bundle, val_items):
+    """Embedding must not leave inference tensors behind (HF BEiT caches its relative position index)."""
+    E.embed_items(val_items.head(2), bundle, E.EmbedConfig(progress=False))
+    model = bundle.model.train()
+    try:
+        _, feat = model.get_image_embeds(torch.randn(2, 3, 32, 32))
+        feat.sum().backward()
+        assert model.vision_proj.weight.grad is not None
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+def test_save_load_and_cache(tmp_path):
+    keys = ["a", "b", "c"]
+    arr = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    path = E.save_embeddings(tmp_path, "gallery_crop", keys, arr)
+    assert path.name == "gallery_crop.npy" and (tmp_path / "gallery_crop.keys.json").is_file()
+    k2, a2 = E.load_embeddings(tmp_path, "gallery_crop")
+    assert k2 == keys and np.array_equal(a2, arr)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return ["a", "b"], arr[:2]
+
+    assert E.cached_embeddings(tmp_path, "gallery_crop", keys, compute)[0] == keys and not calls
+    got_keys, got = E.cached_embeddings(tmp_path, "gallery_crop", ["a", "b"], compute)
+    assert calls == [1] and got_keys == ["a", "b"] and got.shape == (2, 4)
+    with pytest.raises(ValueError, match="keys for"):
+        E.save_embeddings(tmp_path, "x", ["a"], arr)
+    with pytest.raises(FileNotFoundError):
+        E.load_embeddings(tmp_path, "missing")
+    with pytest.raises(ValueError, match="plain file stem"):
+        E.save_embeddings(tmp_path, "../x", keys, arr)
+
+
+def test_embed_config_validation():
+    with pytest.raises(ValueError, match="view"):
+        E.EmbedConfig(view="mask").validate()
+    with pytest.raises(ValueError, match="fusion"):
+        E.EmbedConfig(fusion="early").validate()

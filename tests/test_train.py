@@ -1,0 +1,271 @@
+"""Fine-tuning loop: optimiser groups, schedule, losses of a real batch, NaN guard, LoRA vs full, checkpoints,
+in-process resume and a real SIGKILL + resume of a subprocess (tiny preset on the smoke benchmark, CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from capret_utils import data as D
+from capret_utils import losses as L
+from capret_utils import train
+from capret_utils.paths import repo_root
+
+WORKER = Path(__file__).with_name("train_kill_worker.py")
+
+
+@pytest.fixture(scope="module")
+def splits(smoke_root):
+    return train.load_splits(smoke_root)
+
+
+def _cfg(**kw) -> train.TrainConfig:
+    base = dict(model="tiny", use_captions="template", max_steps=4, batch_size=8, per_identity=2, eval_every=0,
+                ckpt_every=2, device="cpu", threads=1, progress=False, seed=1, lr=1e-3)
+    base.update(kw)
+    return train.TrainConfig(**base)
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_config_validation_and_mode():
+    assert _cfg().mode == "full" and _cfg(model="base").mode == "lora" and _cfg(finetune_mode="lora").mode == "lora"
+    with pytest.raises(ValueError, match="multiple of per_identity"):
+        _cfg(batch_size=7).validate()
+    with pytest.raises(ValueError, match="use_captions"):
+        _cfg(use_captions="gpt").validate()
+    with pytest.raises(ValueError, match="nothing to train"):
+        _cfg(w_itc=0, w_itm=0, w_box=0, w_arcface=0).validate()
+    # use_boxes=False switches the box loss off whatever its weight
+    assert _cfg(use_boxes=False).weights().box == 0 and _cfg(use_boxes=False).data_config(32).view == "image"
+    assert _cfg().trajectory_digest() == _cfg(eval_every=7, num_workers=2).trajectory_digest()
+    assert _cfg().trajectory_digest() != _cfg(lr=2e-3).trajectory_digest()
+
+
+def test_scheduler_warmup_then_cosine():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [p], "lr": 1.0}])
+    sched = train.build_scheduler(opt, 10, _cfg(warmup=0.2, schedule="cosine"))
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1 / 3) and lrs[1] == pytest.approx(2 / 3) and lrs[2] == pytest.approx(1.0)
+    assert lrs[6] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    lin = train.build_scheduler(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 10,
+                                _cfg(warmup=0.0, schedule="linear"))
+    assert lin.lr_lambdas[0](5) == pytest.approx(0.5)
+
+
+def test_optimizer_groups(splits):
+    cfg = _cfg(lr=1e-3, head_lr_mult=2.0, lr_arcface=0.05, weight_decay=0.1)
+    setup = train.prepare(cfg, splits[0])
+    arc = L.ArcFace(len(setup.classes), setup.bundle.model.config.embed_dim)
+    opt = train.build_optimizer(setup.bundle.model, arc, cfg)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert set(groups) == {"body", "body_nd", "head", "head_nd", "arcface"}
+    assert groups["head"]["lr"] == pytest.approx(2e-3) and groups["body"]["lr"] == pytest.approx(1e-3)
+    assert groups["arcface"]["lr"] == 0.05 and groups["arcface"]["params"][0] is arc.W
+    assert groups["body_nd"]["weight_decay"] == 0 and groups["body"]["weight_decay"] == 0.1
+    names = {id(p): n for n, p in setup.bundle.model.named_parameters()}
+    assert names[id(groups["head"]["params"][0])].split(".")[0] in train.HEAD_NAMES
+    assert all(p.ndim >= 2 for p in groups["body"]["params"])
+    assert any(names[id(p)] == "temp" for p in groups["body_nd"]["params"])
+    n_model = sum(1 for p in setup.bundle.model.parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in opt.param_groups) == n_model + 1
+
+
+def _batch(setup, n=8):
+    sampler = D.PKBatchSampler(setup.labels, setup.data_config.identities_per_batch, 2, seed=0)
+    return D.Collator(setup.bundle.tokenizer)([setup.dataset[i] for i in sampler.batches(0)[0][:n]])
+
+
+def test_compute_losses_every_term_and_gradients(splits):
+    cfg = _cfg(w_arcface_fused=0.5)
+    setup = train.prepare(cfg, splits[0])
+    net = setup.bundle.model.train()
+    arc = L.ArcFace(len(setup.classes), net.config.embed_dim, cfg.margin, cfg.scale)
+    batch = _batch(setup)
+    terms = train.compute_losses(net, arc, batch, cfg.weights(), torch.Generator().manual_seed(0), 0.25)
+    assert set(terms) == {"itc", "itm", "box_l1", "box_giou", "arcface", "arcface_fused"}
+    assert all(torch.isfinite(v) and v >= 0 for v in terms.values())
+    L.total_loss(terms, cfg.weights()).backward()
+    for module in (net.vision_encoder, net.text_encoder, net.fusion, net.itm_head, net.bbox_head):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    assert arc.W.grad.abs().sum() > 0 and net.temp.grad is not None
+    # switching terms off removes them (and their work)
+    off = train.compute_losses(net, arc, batch, L.LossWeights(itc=1, itm=0, box=0, arcface=0),
+                               torch.Generator().manual_seed(0))
+    assert set(off) == {"itc"}
+
+
+def test_nan_guard_names_step_and_terms(splits, tmp_path):
+    setup = train.prepare(_cfg(max_steps=2), splits[0])
+    with torch.no_grad():
+        setup.bundle.model.vision_proj.weight.fill_(float("nan"))
+    with pytest.raises(L.NonFiniteLossError, match=r"step 1: non-finite loss term\(s\) arcface=nan, itc=nan"):
+        train.finetune(setup, tmp_path / "run")
+
+
+def test_full_finetune_learns_saves_and_reloads(splits, tmp_path):
+    train_items, val_items = splits
+    cfg = _cfg(max_steps=6, eval_every=3)
+    setup = train.prepare(cfg, train_items)
+    before = _state(setup.bundle.model)
+    zero = train.evaluate(setup.bundle, val_items, cfg)
+    result = train.finetune(setup, tmp_path / "run", val_items=val_items)
+    assert result.steps == 6 and result.resumed_from is None
+    after = result.bundle.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    hist = result.history
+    assert list(hist.loc[hist["kind"] == "eval", "step"]) == [3, 6]
+    assert (tmp_path / "run" / train.HISTORY_CSV).is_file() and (tmp_path / "run" / train.HISTORY_JSON).is_file()
+    train_rows = hist[hist["kind"] == "train"]
+    assert len(train_rows) == 6 and train_rows["loss"].notna().all()
+    assert {"loss_itc", "loss_itm", "loss_box_l1", "loss_box_giou", "loss_arcface"} <= set(hist.columns)
+    assert set(zero) >= {"top1", "top5", "top10", "top15", "top20", "mAP"}
+    # the checkpoint folder reloads into the same embeddings and metrics
+    bundle = train.load_finetuned(result.checkpoint, device="cpu")
+    again = train.evaluate(bundle, val_items, cfg)
+    assert again["mAP"] == pytest.approx(result.metrics["mAP"], abs=1e-9)
+    info = json.loads((result.checkpoint / train.INFO_FILE).read_text())
+    assert info["finetune_mode"] == "full" and info["identity_classes"] == setup.classes
+    assert info["arcface_margin_deg"] == pytest.approx(math.degrees(0.15))
+    assert train.load_arcface(result.checkpoint).shape == (bundle.model.config.embed_dim, len(setup.classes))
+    # a finished run re-entered with resume=True does not train again
+    setup2 = train.prepare(cfg, train_items)
+    again_result = train.finetune(setup2, tmp_path / "run", val_items=val_items)
+    assert again_result.resumed_from == 6 and again_result.steps == 6
+    assert again_result.metrics["mAP"] == pytest.approx(result.metrics["mAP"])
+
+
+def test_lora_trains_adapters_and_heads_only_and_merges(splits, tmp_path):
+    cfg = _cfg(finetune_mode="lora", lora_r=4, lora_alpha=8, max_steps=3, lr=5e-3)
+    setup = train.prepare(cfg, splits[0])
+    before = _state(setup.bundle.model)
+    result = train.finetune(setup, tmp_path / "run")
+    counts = result.info["trainable_parameters"]
+    assert counts["by_part"].get("lora", 0) > 0 and counts["trainable"] < 0.5 * counts["total"]
+    merged = result.bundle.model.state_dict()
+    assert set(merged) == set(before), "the saved model is a plain X2-VLM (adapters merged)"
+    # frozen non-target weights are unchanged, adapted attention weights and heads changed
+    assert torch.equal(merged["vision_encoder.layers.0.mlp.fc1.weight"],
+                       before["vision_encoder.layers.0.mlp.fc1.weight"])
+    assert not torch.equal(merged["vision_encoder.layers.0.attention.q_proj.weight"],
+                           before["vision_encoder.layers.0.attention.q_proj.weight"])
+    assert not torch.equal(merged["itm_head.0.weight"], before["itm_head.0.weight"])
+    state = json.loads((tmp_path / "run" / train.STATE_DIR / "latest.json").read_text())
+    saved = (tmp_path / "run" / train.STATE_DIR / state["path"] / "trainable.safetensors")
+    from safetensors.torch import load_file
+
+    keys = load_file(str(saved)).keys()
+    assert any("lora_" in k for k in keys) and not any("mlp.fc1" in k for k in keys)
+    train.load_finetuned(result.checkpoint)
+
+
+def test_in_process_resume_matches_uninterrupted(splits, tmp_path):
+    train_items, val_items = splits
+    cfg = _cfg(max_steps=6, ckpt_every=2, eval_every=3)
+    full = train.finetune(train.prepare(cfg, train_items), tmp_path / "a", val_items=val_items)
+    part = train.finetune(train.prepare(cfg, train_items), tmp_path / "b", val_items=val_items, stop_after=4)
+    assert part.steps == 4
+    resumed = train.finetune(train.prepare(cfg, train_items), tmp_path / "b", val_items=val_items)
+    assert resumed.resumed_from == 4
+    a, b = full.bundle.model.state_dict(), resumed.bundle.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.metrics["mAP"] == full.metrics["mAP"] and resumed.metrics["top1"] == full.metrics["top1"]
+    la = full.history.loc[full.history["kind"] == "train", "loss"].to_numpy()
+    lb = resumed.history.loc[resumed.history["kind"] == "train", "loss"].to_numpy()
+    np.testing.assert_array_equal(la, lb)
+
+
+def test_resume_refuses_another_configuration(splits, tmp_path):
+    cfg = _cfg(max_steps=4, ckpt_every=1)
+    train.finetune(train.prepare(cfg, splits[0]), tmp_path / "run", stop_after=1)
+    with pytest.raises(ValueError, match="another training configuration"):
+        train.finetune(train.prepare(replace(cfg, lr=3e-3), splits[0]), tmp_path / "run")
+    # resume=False starts over
+    fresh = train.finetune(train.prepare(replace(cfg, resume=False, max_steps=2), splits[0]), tmp_path / "run")
+    assert fresh.resumed_from is None and fresh.steps == 2
+
+
+def test_checkpoints_are_atomic_and_pruned(splits, tmp_path):
+    cfg = _cfg(max_steps=5, ckpt_every=1, keep_checkpoints=2)
+    train.finetune(train.prepare(cfg, splits[0]), tmp_path / "run")
+    root = tmp_path / "run" / train.STATE_DIR
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["latest.json", "step-000004", "step-000005"]
+    assert train.latest_train_state(tmp_path / "run") == root / "step-000005"
+    (root / "latest.json").write_text(json.dumps({"step": 9, "path": "step-000009"}))
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train.latest_train_state(tmp_path / "run")
+
+
+def test_load_finetuned_names_a_wrong_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="finetune_info.json"):
+        train.load_finetuned(tmp_path)
+
+
+def test_model_argument_errors(splits):
+    with pytest.raises(FileNotFoundError, match="neither a preset"):
+        train.prepare(_cfg(model="/nonexistent/x2vlm.th"), splits[0])
+
+
+def _run_worker(run_dir: Path, *extra: str, wait: bool = True) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(run_dir), *extra], cwd=repo_root(), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+    return proc
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
+    """A real subprocess is SIGKILLed after a few checkpoints; the resumed run ends with the same weights and
+    metrics as an uninterrupted run (CPU, fixed seed, one thread)."""
+    _run_worker(tmp_path / "straight")
+    straight = json.loads((tmp_path / "straight" / "result.json").read_text())
+    assert straight["resumed_from"] is None and straight["steps"] == 8
+
+    killed_dir = tmp_path / "killed"
+    proc = _run_worker(killed_dir, "--sleep", "0.5", wait=False)
+    latest = killed_dir / train.STATE_DIR / "latest.json"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if latest.is_file() and json.loads(latest.read_text())["step"] >= 3:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"worker ended before it could be killed: {proc.stdout.read()}")
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("worker wrote no checkpoint in time")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed_dir / "result.json").exists()
+    step_at_kill = json.loads(latest.read_text())["step"]
+    assert 3 <= step_at_kill < 8
+
+    _run_worker(killed_dir)
+    resumed = json.loads((killed_dir / "result.json").read_text())
+    assert resumed["resumed_from"] == step_at_kill
+    assert resumed["weights"] == straight["weights"]
+    assert resumed["metrics"] == straight["metrics"]
+    assert resumed["eval_steps"] == straight["eval_steps"] == [4, 8]
