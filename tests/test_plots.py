@@ -167,3 +167,22 @@ def test_inline_gives_a_png_for_notebooks(items):
     image = plots.inline(plots.box_sizes(items))
     assert image.format == "png"
     assert image.data[:8] == b"\x89PNG\r\n\x1a\n" and len(image.data) > 5000
+
+
+def test_caption_figures_count_words_and_filter_outcomes():
+    records = pd.DataFrame({
+        "key": ["k1", "k2"], "method": ["dialogue", "dialogue"],
+        "caption": ["a red skirt", "a navy short sleeve top"],
+        "dialogue": [[{"reason": None}, {"reason": "not an answer"}], [{"reason": None}]],
+    })
+    fig = plots.caption_length_figure(records)
+    from capret_utils.captions import caption_lengths
+
+    assert sorted(caption_lengths(records)["words"]) == [3, 5]
+    assert fig.axes[0].get_xlabel() == "words per caption" and fig.axes[0].get_title() == "Caption length"
+    fig = plots.answer_filter_figure(records)
+    counts = sorted(int(p.get_height()) for p in fig.axes[0].patches if p.get_height() > 0)
+    assert counts == [1, 2]  # round 1: 2 kept; round 2: 1 filtered
+    empty = plots.answer_filter_figure(records.assign(dialogue=None))
+    assert "no dialogues" in [t.get_text() for t in empty.axes[0].texts]
+    plt.close("all")
