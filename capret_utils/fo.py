@@ -17,7 +17,10 @@ Shape of the dataset (one sample per image, ``build_dataset``):
 Retrieval results are attached per query *item* on the detection attributes (``set_item_values`` /
 ``attach_results(level="item")``), so the saved patches view ``query-items`` shows one patch per query with its
 results; per query *image* results go on sample fields (``level="image"``). Field names are
-``<variant>_<name>`` (``result_field``) so several variants live side by side.
+``<variant>_<name>`` (``result_field``) so several variants live side by side. Retrieval failure views
+(``save_failure_views`` / ``save_comparison_view``, written by notebook 04 through ``analysis.write_fiftyone``):
+``failures-top<k>-<variant>`` (no match in the top k), ``worst-ap-<variant>`` (lowest AP first) and
+``top<k>-<a>-not-<b>`` (match in the top k of variant a but not of b).
 
 Rebuilding is idempotent and atomic: the dataset is built under a temporary name and renamed when complete.
 
@@ -609,3 +612,85 @@ def launch(dataset: "fo.Dataset", view: Any = None, port: int = 5151, remote: bo
         finally:
             _close_session(session)
     return session
+
+
+# --------------------------------------------------------------------------------------------- retrieval failures
+
+
+def view_slug(text: str) -> str:
+    """A saved-view-friendly slug: ``"fine-tuned/crop+itm"`` -> ``"fine-tuned-crop-itm"``."""
+    return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")
+
+
+def failure_view_name(variant: str, k: int = 10) -> str:
+    """Name of the saved "no match in the top-k" view of a variant, e.g. ``failures-top10-fine-tuned-crop``."""
+    return f"failures-top{int(k)}-{view_slug(variant)}"
+
+
+def worst_ap_view_name(variant: str) -> str:
+    return f"worst-ap-{view_slug(variant)}"
+
+
+def comparison_view_name(a: str, b: str, k: int = 10) -> str:
+    """``top10-<a>-not-<b>``: queries whose match is in the top-k of ``a`` but not of ``b``."""
+    return f"top{int(k)}-{view_slug(a)}-not-{view_slug(b)}"
+
+
+def _query_patches(dataset: "fo.Dataset", expr: Any) -> Any:
+    from fiftyone import ViewField as F
+
+    return (dataset.match_tags(QUERY_TAG)
+            .filter_labels(LABEL_FIELD, (F("is_query") == True) & expr)  # noqa: E712
+            .to_patches(LABEL_FIELD))
+
+
+def failure_views(dataset: "fo.Dataset", variant: str, level: str = "item", k: int = 10,
+                  worst: int = 50) -> dict[str, Any]:
+    """The (unsaved) failure views of one variant's attached results (``attach_results``):
+
+    * ``failures-top<k>-<variant>``: queries without a relevant gallery item in the top k (item level: one patch
+      per query item; image level: the query images);
+    * ``worst-ap-<variant>``: the ``worst`` queries with the lowest AP, worst first.
+    """
+    from fiftyone import ViewField as F
+
+    hit, ap = result_field(variant, f"hit_at_{int(k)}"), result_field(variant, "ap")
+    if level == "item":
+        fails = _query_patches(dataset, F(hit) == False)  # noqa: E712
+        worst_view = _query_patches(dataset, F(ap) != None).sort_by(F(f"{LABEL_FIELD}.{ap}")).limit(worst)  # noqa: E711
+    elif level == "image":
+        queries = dataset.match_tags(QUERY_TAG)
+        fails = queries.match(F(hit) == False)  # noqa: E712
+        worst_view = queries.match(F(ap) != None).sort_by(ap).limit(worst)  # noqa: E711
+    else:
+        raise ValueError(f"level must be 'item' or 'image', got {level!r}")
+    return {failure_view_name(variant, k): fails, worst_ap_view_name(variant): worst_view}
+
+
+def save_failure_views(dataset: "fo.Dataset", variant: str, level: str = "item", k: int = 10,
+                       worst: int = 50) -> dict[str, int]:
+    """Save :func:`failure_views` on the dataset (overwriting); returns ``{name: number of patches/samples}``."""
+    out = {}
+    for name, view in failure_views(dataset, variant, level, k, worst).items():
+        dataset.save_view(name, view, overwrite=True,
+                          description=f"{variant}: " + ("no match in the top %d" % k if name.startswith("failures")
+                                                        else f"the {worst} queries with the lowest AP"))
+        out[name] = len(view)
+    return out
+
+
+def save_comparison_view(dataset: "fo.Dataset", a: str, b: str, level: str = "item", k: int = 10) -> dict[str, int]:
+    """Save the view of queries whose match is in the top k of variant ``a`` but not of variant ``b``."""
+    from fiftyone import ViewField as F
+
+    ha, hb = result_field(a, f"hit_at_{int(k)}"), result_field(b, f"hit_at_{int(k)}")
+    expr = (F(ha) == True) & (F(hb) == False)  # noqa: E712
+    if level == "item":
+        view = _query_patches(dataset, expr)
+    elif level == "image":
+        view = dataset.match_tags(QUERY_TAG).match(expr)
+    else:
+        raise ValueError(f"level must be 'item' or 'image', got {level!r}")
+    name = comparison_view_name(a, b, k)
+    dataset.save_view(name, view, overwrite=True, description=f"match in the top {k} of {a} but not of {b}")
+    return {name: len(view)}

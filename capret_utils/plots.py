@@ -393,3 +393,142 @@ def answer_filter_figure(records: pd.DataFrame) -> Figure:
     ax.set_title("Dialogue answers kept / filtered per round")
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------------------------- retrieval (04)
+
+
+def variant_metrics(table: pd.DataFrame, metrics: tuple[str, ...] = ("top1", "top10", "mAP")) -> Figure:
+    """Horizontal bars of ``metrics`` per variant row (``analysis.variant_table``), one panel per metric."""
+    import seaborn as sns
+
+    shown = [m for m in metrics if m in table.columns]
+    fig, axes = _figure(4.2 * max(1, len(shown)), 0.45 * max(2, len(table)) + 1.4, 1, max(1, len(shown)),
+                        sharey=True)
+    for ax, m in zip(axes[0], shown):
+        sns.barplot(data=table, y="name", x=m, hue="model", dodge=False, ax=ax, orient="h")
+        for container in ax.containers:
+            ax.bar_label(container, fmt="%.2f", fontsize=7, padding=2)
+        ax.set(xlim=(0, 1.1), xlabel=m, ylabel="", title=m)
+        if ax.get_legend() is not None and ax is not axes[0, -1]:
+            ax.get_legend().remove()
+    fig.suptitle("Retrieval quality per variant (item level unless the variant is 'image')")
+    return fig
+
+
+def breakdown_heatmap(table: pd.DataFrame, metric: str = "hit1") -> Figure:
+    """Heat maps of ``metric`` per variant × attribute value, one panel per attribute (``analysis.breakdowns``)."""
+    import seaborn as sns
+
+    attributes = list(dict.fromkeys(table["attribute"]))
+    fig, axes = _figure(3.4 * max(1, len(attributes)) + 1, 0.42 * max(2, table["variant"].nunique()) + 1.6, 1,
+                        max(1, len(attributes)), sharey=True)
+    for i, (ax, attr) in enumerate(zip(axes[0], attributes)):
+        sub = table[table["attribute"] == attr]
+        grid = sub.pivot_table(index="variant", columns="label", values=metric, aggfunc="mean", sort=False)
+        counts = sub.groupby("label", sort=False)["n"].max()
+        grid.columns = [f"{c}\n(n={int(counts.get(c, 0))})" for c in grid.columns]
+        sns.heatmap(grid, ax=ax, vmin=0, vmax=1, cmap="viridis", annot=True, fmt=".2f", annot_kws={"fontsize": 6},
+                    cbar=i == len(attributes) - 1)
+        ax.set(title=attr, xlabel="", ylabel="" if i else "variant")
+        ax.tick_params(axis="x", labelsize=6, rotation=45 if attr == "category_name" else 0)
+    fig.suptitle(f"{metric} by query attribute (item-level variants)")
+    return fig
+
+
+def breakdown_bars(table: pd.DataFrame, attribute: str, metric: str = "hit1") -> Figure:
+    """Grouped bars of ``metric`` per value of one attribute, hue = variant."""
+    import seaborn as sns
+
+    sub = table[table["attribute"] == attribute]
+    fig, axes = _figure(max(6.0, 1.1 * sub["label"].nunique() + 3), 3.8)
+    ax = axes[0, 0]
+    sns.barplot(data=sub, x="label", y=metric, hue="variant", ax=ax)
+    ax.set(ylim=(0, 1.05), xlabel=attribute, ylabel=metric, title=f"{metric} by {attribute}")
+    ax.legend(fontsize=6, loc="upper right")
+    return fig
+
+
+def category_error_share(table: pd.DataFrame) -> Figure:
+    """Bar per variant: share of top-1 errors that retrieve the right category but the wrong item."""
+    import seaborn as sns
+
+    fig, axes = _figure(7, 0.4 * max(2, len(table)) + 1.2)
+    ax = axes[0, 0]
+    frame = table.assign(label=[f"{n} (errors: {e})" for n, e in zip(table["name"], table["n_top1_errors"])])
+    sns.barplot(data=frame, y="label", x="right_category_wrong_item", hue="model", dodge=False, ax=ax, orient="h")
+    for container in ax.containers:
+        ax.bar_label(container, fmt="%.2f", fontsize=7, padding=2)
+    ax.set(xlim=(0, 1.1), xlabel="share of top-1 errors with the right category", ylabel="",
+           title="Right category, wrong item")
+    return fig
+
+
+def error_gallery(examples: pd.DataFrame, items: pd.DataFrame, title: str = "", max_side: int = 240) -> Figure:
+    """Rows of failures (``analysis.error_examples``): the query (red box), its top-5 (green box = relevant,
+    orange = wrong) and the true match (blue) with its rank. Item keys or image keys (image-level variants)."""
+    by_key = items.set_index("key", drop=False)
+    img_of = items.assign(image_key=items["split"] + "/" + items["image_id"].map(lambda i: f"{int(i):06d}"))
+    by_image = {k: g for k, g in img_of.groupby("image_key")}
+
+    def rows_for(key: str) -> tuple[str, pd.DataFrame, set[str]]:
+        if key in by_key.index:
+            row = by_key.loc[key]
+            image_key = f"{row['split']}/{int(row['image_id']):06d}"
+            return str(row["path"]), by_image[image_key], {key}
+        g = by_image[key]
+        return str(g["path"].iloc[0]), g, set(g.loc[g["style"] > 0, "key"])
+
+    n = max(1, len(examples))
+    fig, axes = _figure(2.2 * 7, 2.3 * n + 0.4, n, 7)
+    if examples.empty:
+        axes[0, 0].text(0.5, 0.5, "no top-1 failure", ha="center", va="center")
+    for r, ex in enumerate(examples.itertuples(index=False)):
+        path, boxes, hl = rows_for(ex.query_key)
+        _draw_image(axes[r, 0], path, boxes, hl, "#e41a1c", f"QUERY {ex.query_key}\nAP {ex.ap:.2f}", max_side)
+        for c in range(5):
+            ax = axes[r, 1 + c]
+            if c < len(ex.top_keys) and ex.top_keys[c] is not None:
+                path, boxes, hl = rows_for(str(ex.top_keys[c]))
+                ok = bool(ex.top_relevant[c])
+                _draw_image(ax, path, boxes, hl, "#4daf4a" if ok else "#ff7f00",
+                            f"#{c + 1} {ex.top_keys[c]}\n{'match' if ok else 'wrong'}", max_side)
+            else:
+                ax.set_axis_off()
+        ax = axes[r, 6]
+        if ex.match_key is not None and isinstance(ex.match_key, str):
+            path, boxes, hl = rows_for(ex.match_key)
+            rank = "not ranked" if pd.isna(ex.first_hit_rank) else f"rank {int(ex.first_hit_rank)}"
+            _draw_image(ax, path, boxes, hl, "#377eb8", f"TRUE MATCH {ex.match_key}\n{rank}", max_side)
+        else:
+            ax.set_axis_off()
+    for ax in axes.flat:
+        ax.set_axis_off()
+    fig.suptitle(title or "Top-1 failures: query, its top 5, the true match and its rank")
+    return fig
+
+
+def sweep_metric(long: pd.DataFrame, varying: list[str], metrics: tuple[str, ...] = ("top1", "mAP"),
+                 title: str = "") -> Figure:
+    """Metric vs the first varying parameter (hue = the second, if any), one panel per metric
+    (``analysis.sweep_long``)."""
+    import seaborn as sns
+
+    shown = [m for m in metrics if m in set(long["metric"])]
+    fig, axes = _figure(4.8 * max(1, len(shown)), 3.6, 1, max(1, len(shown)))
+    if not shown or not varying:
+        axes[0, 0].text(0.5, 0.5, "no finished runs with a varying parameter", ha="center", va="center")
+        return fig
+    x, hue = varying[0], (varying[1] if len(varying) > 1 else None)
+    for ax, m in zip(axes[0], shown):
+        sub = long[long["metric"] == m].copy()
+        if hue:
+            sub[hue] = sub[hue].astype(str)
+        numeric = pd.api.types.is_numeric_dtype(sub[x])
+        if numeric:
+            sns.lineplot(data=sub, x=x, y="value", hue=hue, marker="o", ax=ax)
+        else:
+            sns.barplot(data=sub, x=x, y="value", hue=hue, ax=ax)
+        ax.set(xlabel=x.removeprefix("param."), ylabel=m, title=m, ylim=(0, 1.05))
+    fig.suptitle(title or "Sweep: metric vs parameter")
+    return fig

@@ -33,8 +33,10 @@ def app_dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app_server(app_dataset, tmp_path_factory):
-    """``python -m capret_utils.fo_app serve`` for ``app_dataset`` on a free port; stopped at the end."""
+def app_server(app_dataset, small_run, tmp_path_factory):
+    """``python -m capret_utils.fo_app serve`` for ``app_dataset`` on a free port; stopped at the end. Started after
+    ``small_run`` wrote its results and saved views (a running App server does not see views saved later by
+    another process)."""
     log = tmp_path_factory.mktemp("app-server") / "server.log"
     server = fo_app.AppServer(fo_app.ServeConfig(dataset=app_dataset.name), log_path=log).start()
     yield server
@@ -78,6 +80,35 @@ def test_app_shows_the_dataset(render, app_dataset):
 def test_app_shows_a_saved_patches_view(render, app_dataset):
     n_queries = len(app_dataset.load_saved_view("query-items"))
     page = render("query-items", expect=("query-items", f"{n_queries} patches", "short sleeve top"))
+    assert not page.missing, f"App page lacks {page.missing}; visible text: {page.text[:1500]}"
+
+
+@pytest.fixture(scope="module")
+def small_run(app_dataset, tmp_path_factory):
+    """Per-query results of a small retrieval run (seeded random embeddings scored by the real evaluator) written
+    into the served dataset with its failure views, as notebook 04 writes them. Returns (failures view, count)."""
+    from capret_utils import analysis, metrics
+
+    items = make_items(tmp_path_factory.mktemp("browser-run"), n_pairs=3)  # same keys as app_dataset
+    queries, gallery = metrics.item_sets(items)
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(len(queries), 16)).astype(np.float32)
+    g = rng.normal(size=(len(gallery), 16)).astype(np.float32)
+    res = analysis.score_items(q, g, queries, gallery, device="cpu")
+    result = analysis.VariantResult("fine-tuned/crop", "fine-tuned", analysis.VARIANTS["crop"], dict(res.metrics),
+                                    res.per_query)
+    table, per_query = analysis.variant_table([result]), analysis.per_query_table([result])
+    k = 1  # the fixture's gallery has 9 items, so every query is found in the top 10: show the top-1 failures
+    views = analysis.write_fiftyone(app_dataset, per_query, table, k=k)
+    name = cfo.failure_view_name("fine-tuned/crop", k)
+    expected = int((~per_query["hit@1"].astype(bool)).sum())
+    assert views[name] == expected > 0
+    return name, expected
+
+
+def test_app_shows_the_failures_view_of_a_small_run(render, small_run):
+    view, n_failures = small_run
+    page = render(view, expect=(view, f"{n_failures} patches", "short sleeve top"))
     assert not page.missing, f"App page lacks {page.missing}; visible text: {page.text[:1500]}"
 
 

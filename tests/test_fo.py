@@ -264,3 +264,34 @@ def test_launch_refuses_remote_in_a_notebook(dataset, monkeypatch):
     monkeypatch.setattr(cfo, "in_notebook", lambda: True)
     with pytest.raises(ValueError, match="remote=True cannot be used from a notebook"):
         cfo.launch(dataset, remote=True)
+
+
+# ------------------------------------------------------------------------------------ retrieval failure views
+
+
+def test_failure_view_names():
+    assert cfo.failure_view_name("fine-tuned/crop+itm", 10) == "failures-top10-fine-tuned-crop-itm"
+    assert cfo.worst_ap_view_name("zero-shot/image") == "worst-ap-zero-shot-image"
+    assert cfo.comparison_view_name("a/crop", "b/crop", 5) == "top5-a-crop-not-b-crop"
+
+
+@pytest.mark.fiftyone
+def test_image_level_failure_views(items):
+    name = f"capret-test-fo-img-{uuid.uuid4().hex[:8]}"
+    ds = cfo.build_dataset(items, name, cfo.BuildConfig(persistent=False, keypoints=False))
+    try:
+        query_images = sorted({cfo.image_key_of(k) for k in items[(items.source == "user") & (items["style"] > 0)].key})
+        hits = {k: i % 3 != 0 for i, k in enumerate(query_images)}  # every third query image fails
+        results = pd.DataFrame({"key": query_images, "hit_at_10": [hits[k] for k in query_images],
+                                "ap": [0.9 if hits[k] else 0.1 * (i + 1) for i, k in enumerate(query_images)]})
+        cfo.attach_results(ds, results, "v/image", level="image")
+        counts = cfo.save_failure_views(ds, "v/image", level="image", k=10, worst=2)
+        fails = ds.load_saved_view(cfo.failure_view_name("v/image", 10))
+        assert counts[cfo.failure_view_name("v/image", 10)] == len(fails)
+        assert sorted(fails.values("image_key")) == sorted(k for k, h in hits.items() if not h)
+        worst = ds.load_saved_view(cfo.worst_ap_view_name("v/image"))
+        assert worst.values("v_image_ap") == sorted(results["ap"])[:2]
+        with pytest.raises(ValueError, match="level"):
+            cfo.save_failure_views(ds, "v/image", level="pixels")
+    finally:
+        cfo.delete_dataset(name)

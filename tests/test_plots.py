@@ -186,3 +186,94 @@ def test_caption_figures_count_words_and_filter_outcomes():
     empty = plots.answer_filter_figure(records.assign(dialogue=None))
     assert "no dialogues" in [t.get_text() for t in empty.axes[0].texts]
     plt.close("all")
+
+
+# --------------------------------------------------------------------------------------------- retrieval (04)
+
+
+@pytest.fixture(scope="module")
+def retrieval_run(items):
+    """Two variants scored by the real evaluator on seeded embeddings of the fixture items."""
+    from capret_utils import analysis, metrics
+
+    queries, gallery = metrics.item_sets(items)
+    rng = np.random.default_rng(1)
+    results = []
+    for name in ("fine-tuned/crop", "zero-shot/crop"):
+        q = rng.normal(size=(len(queries), 8)).astype(np.float32)
+        g = rng.normal(size=(len(gallery), 8)).astype(np.float32)
+        res = analysis.score_items(q, g, queries, gallery, device="cpu")
+        results.append(analysis.VariantResult(name, name.split("/")[0], analysis.VARIANTS["crop"],
+                                              dict(res.metrics), res.per_query))
+    return analysis.variant_table(results), analysis.per_query_table(results)
+
+
+def _bar_widths(ax) -> list[float]:
+    return sorted(round(p.get_width(), 6) for p in ax.patches if isinstance(p, Rectangle) and p.get_width() > 0)
+
+
+def test_variant_metrics_bars_show_the_table(retrieval_run):
+    table, _ = retrieval_run
+    fig = plots.variant_metrics(table, ("top1", "mAP"))
+    axes = fig.get_axes()
+    assert [ax.get_title() for ax in axes[:2]] == ["top1", "mAP"]
+    assert _bar_widths(axes[0]) == sorted(round(v, 6) for v in table["top1"] if v > 0)
+    assert _bar_widths(axes[1]) == sorted(round(v, 6) for v in table["mAP"])
+
+
+def test_breakdown_figures(retrieval_run, items):
+    from capret_utils import analysis
+
+    _, per_query = retrieval_run
+    bd = analysis.breakdowns(per_query, items, ("occlusion", "category_name"))
+    fig = plots.breakdown_heatmap(bd, "hit1")
+    heat_axes = [ax for ax in fig.get_axes() if ax.get_title()]
+    assert [ax.get_title() for ax in heat_axes] == ["occlusion", "category_name"]
+    # the heat map cells hold the breakdown values
+    mesh = heat_axes[0].collections[0]
+    occ = bd[bd["attribute"] == "occlusion"].pivot_table(index="variant", columns="label", values="hit1", sort=False)
+    np.testing.assert_allclose(np.sort(np.ravel(mesh.get_array())), np.sort(occ.to_numpy().ravel()))
+    fig = plots.breakdown_bars(bd, "occlusion", "hit1")
+    assert fig.get_axes()[0].get_xlabel() == "occlusion"
+
+
+def test_category_error_share_figure(retrieval_run):
+    table, _ = retrieval_run
+    fig = plots.category_error_share(table)
+    ax = fig.get_axes()[0]
+    assert _bar_widths(ax) == sorted(round(v, 6) for v in table["right_category_wrong_item"] if v > 0)
+    assert any("errors:" in t.get_text() for t in ax.get_yticklabels())
+
+
+def test_error_gallery_draws_query_top5_and_match(retrieval_run, items, tmp_path):
+    from capret_utils import analysis
+
+    _, per_query = retrieval_run
+    examples = analysis.error_examples(per_query, "zero-shot/crop", n=2, seed=0)
+    assert len(examples) == 2
+    fig = plots.error_gallery(examples, items)
+    axes = np.asarray(fig.get_axes()).reshape(2, 7)
+    for r, ex in enumerate(examples.itertuples()):
+        assert ex.query_key in axes[r, 0].get_title()
+        for c, key in enumerate(ex.top_keys):
+            assert key in axes[r, 1 + c].get_title()
+        assert "TRUE MATCH" in axes[r, 6].get_title() and f"rank {ex.first_hit_rank}" in axes[r, 6].get_title()
+    assert plots.save_figure(fig, tmp_path, "errors").is_file()
+    empty = plots.error_gallery(examples.iloc[0:0], items)
+    assert "no top-1 failure" in empty.get_axes()[0].texts[0].get_text()
+
+
+def test_sweep_metric_lines(tmp_path):
+    from capret_utils import analysis
+
+    summary = pd.DataFrame({"param.margin": [0.05, 0.2, 0.05, 0.2], "param.use_captions": ["none", "none",
+                            "dialogue", "dialogue"], "status": "ok",
+                            "metric.finetuned.top1": [0.1, 0.2, 0.3, 0.4], "metric.finetuned.mAP": [0.2, 0.3, 0.4, 0.5]})
+    long, varying = analysis.sweep_long(summary)
+    fig = plots.sweep_metric(long, varying)
+    ax = fig.get_axes()[0]
+    assert ax.get_xlabel() == "margin" and len(ax.get_lines()) >= 2
+    ys = sorted(float(y) for line in ax.get_lines() for y in line.get_ydata() if np.isfinite(y))
+    assert ys == [0.1, 0.2, 0.3, 0.4]
+    none = plots.sweep_metric(long.iloc[0:0], [])
+    assert "no finished runs" in none.get_axes()[0].texts[0].get_text()
