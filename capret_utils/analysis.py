@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from capret_utils import df2_eval, embed, metrics
+from capret_utils.runs import atomic_path
 
 KS: tuple[int, ...] = (1, 5, 10, 15, 20)
 TABLE_KS: tuple[int, ...] = (1, 5, 10, 20)
@@ -637,17 +638,15 @@ def load_captions_optional(path: str) -> dict[str, str] | None:
 def write_table(table: pd.DataFrame, run_dir: str | os.PathLike, name: str = "variants.csv") -> Path:
     """Atomically write a CSV into the run folder."""
     path = Path(run_dir) / name
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
     return path
 
 
 def write_parquet(table: pd.DataFrame, run_dir: str | os.PathLike, name: str = "per_query.parquet") -> Path:
     path = Path(run_dir) / name
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        table.to_parquet(tmp, index=False)
     return path
 
 

@@ -700,12 +700,9 @@ def _gt_records(frame: pd.DataFrame, id_field: str, with_cls: bool) -> list[dict
 
 
 def _write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, separators=(", ", ": ")))
-    os.replace(tmp, path)
-    return path
+    from capret_utils.runs import write_text_atomic
+
+    return write_text_atomic(path, json.dumps(data, separators=(", ", ": ")))
 
 
 def write_query_gt(frame: pd.DataFrame, path: str | os.PathLike) -> Path:

@@ -434,12 +434,9 @@ def detection_results(query_dets: pd.DataFrame, gallery_dets: pd.DataFrame, indi
 
 def write_results(path: str | os.PathLike, records: list[dict]) -> Path:
     """Write a results list as compact JSON (atomic: temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(records, separators=(",", ":")))
-    os.replace(tmp, path)
-    return path
+    from capret_utils.runs import write_text_atomic
+
+    return write_text_atomic(path, json.dumps(records, separators=(",", ":")))
 
 
 # ----------------------------------------------------------------------------------------------------------

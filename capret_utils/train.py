@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from capret_utils import data as D
 from capret_utils import embed as E
 from capret_utils import losses as L
-from capret_utils.runs import write_json
+from capret_utils.runs import atomic_path, write_json
 from capret_utils.x2vlm import (
     BERT_SPECIAL_IDS,
     COMPACT_SPECIAL_IDS,
@@ -627,9 +627,8 @@ def load_arcface(path: str | os.PathLike) -> torch.Tensor:
 def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
     write_json(run_dir / HISTORY_JSON, history)
     frame = pd.json_normalize(history) if history else pd.DataFrame()
-    tmp = run_dir / f".{HISTORY_CSV}.tmp-{os.getpid()}"
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, run_dir / HISTORY_CSV)
+    with atomic_path(run_dir / HISTORY_CSV) as tmp:
+        frame.to_csv(tmp, index=False)
 
 
 def read_history(run_dir: str | os.PathLike) -> pd.DataFrame:

@@ -65,3 +65,20 @@ def test_git_sha_is_a_commit():
     if sha is None:
         pytest.skip("not a git checkout")
     assert len(sha.split("-")[0]) == 40
+
+
+def test_atomic_path_publishes_on_success_and_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "sub" / "table.csv"
+    with runs.atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp != target
+        tmp.write_text("a,b\n1,2\n")
+        assert not target.exists()  # not published before the block ends
+    assert target.read_text() == "a,b\n1,2\n"
+    with pytest.raises(RuntimeError):
+        with runs.atomic_path(target) as tmp:
+            tmp.write_text("torn")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "a,b\n1,2\n"  # the old file survives
+    assert sorted(p.name for p in target.parent.iterdir()) == ["table.csv"]  # no temp file left
+    runs.write_text_atomic(target, "x")
+    assert target.read_text() == "x"
