@@ -71,7 +71,8 @@ from capret_utils.x2vlm.processing import ImageSettings
 DEMO_PRESET: dict[str, Any] = dict(
     vision_width=128, vision_layers=4, vision_heads=4, vision_mlp=512, patch_size=16, image_res=64,
     text_width=128, text_heads=4, text_ffn=512, text_layers=2, fusion_layers=2, vocab_size=512,
-    max_position_embeddings=64, embed_dim=128, vision_drop_path_rate=0.0,
+    max_position_embeddings=64, embed_dim=128, vision_drop_path_rate=0.0, vision_stem="conv",
+    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
 )
 """The ``demo`` model: small enough to learn the synthetic benchmark from random weights on 2 CPU cores in minutes
 (64 px item crops, 16 px patches, 4 + 2 + 2 layers of width 128, a 512-entry WordPiece vocabulary)."""
@@ -115,10 +116,7 @@ class TrainConfig:
     w_itc: float = 1.0
     w_itm: float = 1.0
     w_box: float = 1.0
-    # ArcFace at 0.1: at weight 1 its scale-30 logits dominate the summed gradient and, from random weights on the
-    # synthetic benchmark, 360 steps left the embedding worse than at initialisation (hit@1 0.03 vs 0.05); at 0.1
-    # with the fused term off the same budget gives hit@1 0.07, hit@10 0.32, mAP 0.135 (zero-shot 0.05/0.18/0.095)
-    w_arcface: float = 0.1
+    w_arcface: float = 1.0
     w_arcface_fused: float = 0.0  # ArcFace on text_proj(fusion [CLS]) of the ITM positives (cross-fusion embed)
     # optimisation
     lr: float = 2e-3
@@ -127,7 +125,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup: float = 0.1  # fraction of the optimizer steps
     schedule: str = "cosine"  # "cosine" | "linear" decay after warm-up
-    epochs: int = 20  # passes over the train identities (one pass = identities // P batches)
+    epochs: int = 40  # passes over the train identities (one pass = identities // P batches)
     max_steps: int = 0  # optimizer steps; > 0 overrides epochs
     grad_accum: int = 1
     clip_grad: float = 1.0  # max gradient norm; 0 = off
@@ -502,6 +500,14 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _running_stats(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """BatchNorm statistics (``vision_stem="conv"``): buffers that training changes, saved with the weights."""
+    return {n: b.detach().cpu().contiguous() for n, b in model.named_buffers() if n.endswith(_RUNNING_STATS)}
+
+
 def save_train_state(run_dir: Path, step: int, model: torch.nn.Module, arcface: L.ArcFace,
                      optimizer: torch.optim.Optimizer, scheduler: Any, sampler: D.PKBatchSampler,
                      generator: torch.Generator, state: dict[str, Any], keep: int = 2) -> Path:
@@ -516,6 +522,8 @@ def save_train_state(run_dir: Path, step: int, model: torch.nn.Module, arcface: 
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+    if stats := _running_stats(model):
+        save_file(stats, str(tmp / "buffers.safetensors"))
     save_file({"W": arcface.W.detach().cpu().contiguous()}, str(tmp / ARCFACE_FILE))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(generator)}, tmp / "optim_rng.pt")
@@ -560,6 +568,14 @@ def load_train_state(path: Path, model: torch.nn.Module, arcface: L.ArcFace, opt
         for name, tensor in weights.items():
             params[name].copy_(tensor)
         arcface.W.copy_(load_file(str(path / ARCFACE_FILE))["W"])
+        expected = _running_stats(model)
+        saved = load_file(str(path / "buffers.safetensors")) if (path / "buffers.safetensors").is_file() else {}
+        if set(saved) != set(expected):
+            raise ValueError(f"{path}: saved BatchNorm statistics {sorted(saved)[:3]} do not match the model's "
+                             f"{sorted(expected)[:3]}")
+        buffers = dict(model.named_buffers())
+        for name, tensor in saved.items():
+            buffers[name].copy_(tensor)
     blob = torch.load(path / "optim_rng.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])

@@ -193,6 +193,35 @@ def test_in_process_resume_matches_uninterrupted(splits, tmp_path):
     np.testing.assert_array_equal(la, lb)
 
 
+def test_resume_restores_batchnorm_statistics_of_the_demo_conv_stem(splits, tmp_path):
+    train_items, _ = splits
+    cfg = _cfg(model="demo", max_steps=4, ckpt_every=2)
+    full = train.finetune(train.prepare(cfg, train_items), tmp_path / "a")
+    train.finetune(train.prepare(cfg, train_items), tmp_path / "b", stop_after=2)
+    state = tmp_path / "b" / train.STATE_DIR / "step-000002"
+    from safetensors.torch import load_file
+
+    saved = load_file(str(state / "buffers.safetensors"))
+    assert saved and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in saved)
+    # two steps, each passing item crops and the box task's whole photos through the stem
+    assert int(saved["vision_encoder.embeddings.patch_embeddings.projection.1.num_batches_tracked"]) == 4
+    resumed = train.finetune(train.prepare(cfg, train_items), tmp_path / "b")
+    a, b = full.bundle.model.state_dict(), resumed.bundle.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # weights and running statistics
+    (state / "buffers.safetensors").unlink()
+    with pytest.raises(ValueError, match="BatchNorm statistics"):
+        train.load_train_state(state, *_resume_targets(cfg, train_items))
+
+
+def _resume_targets(cfg, train_items):
+    setup = train.prepare(cfg, train_items)
+    model = setup.bundle.model
+    arcface = L.ArcFace(len(setup.classes), int(model.config.embed_dim), cfg.margin, cfg.scale)
+    sampler = D.PKBatchSampler(setup.labels, setup.data_config.identities_per_batch, cfg.per_identity)
+    optimizer = train.build_optimizer(model, arcface, cfg)
+    return model, arcface, optimizer, train.build_scheduler(optimizer, 4, cfg), sampler, torch.Generator()
+
+
 def test_resume_refuses_another_configuration(splits, tmp_path):
     cfg = _cfg(max_steps=4, ckpt_every=1)
     train.finetune(train.prepare(cfg, splits[0]), tmp_path / "run", stop_after=1)

@@ -27,6 +27,7 @@ from capret_utils.x2vlm import (
     resize_rel_pos_table,
     to_official_state_dict,
 )
+from capret_utils.x2vlm.config import PRESETS
 from capret_utils.x2vlm.convert import geometric_source_grid
 
 X2VLM_DATA = repo_root().parent / "shared" / "data" / "x2vlm"
@@ -524,6 +525,55 @@ def test_save_pretrained_round_trip_with_tied_weights(tmp_path, tiny_model, tiny
         assert model.mlm_head.predictions.decoder.weight is model.text_encoder.embeddings.word_embeddings.weight
         a, b = run_all(tiny_model, inputs), run_all(model, inputs)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _conv_stem_config(**kw) -> X2VLMConfig:
+    base = dict(PRESETS["tiny"], image_res=32, patch_size=8, vision_stem="conv")
+    base.update(kw)
+    return X2VLMConfig(**base)
+
+
+def test_conv_stem_keeps_the_token_grid_and_round_trips(tmp_path):
+    from transformers import AutoModel
+
+    cfg = _conv_stem_config()
+    torch.manual_seed(0)
+    model = X2VLMModel(cfg)
+    stem = model.vision_encoder.embeddings.patch_embeddings.projection
+    convs = [m for m in stem if isinstance(m, torch.nn.Conv2d)]
+    # patch 8 = three stride-2 3x3 convolutions (32, then 64 capped at the width 48, then the width), BatchNorm +
+    # GELU between them
+    assert cfg.vision_width == 48
+    assert [(c.kernel_size, c.stride, c.out_channels) for c in convs] == [
+        ((3, 3), (2, 2), 32), ((3, 3), (2, 2), 48), ((3, 3), (2, 2), 48)]
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in stem) == 2
+    pixels = torch.randn(3, 3, 32, 32)
+    model.train()
+    model.get_image_embeds(pixels)  # moves the BatchNorm running statistics away from their initial values
+    model.eval()
+    embeds, feat = model.get_image_embeds(pixels)
+    assert embeds.shape == (3, cfg.num_image_tokens, cfg.vision_width) and cfg.num_image_tokens == 1 + 16
+    # hand check of the stem output against the layers applied one by one
+    x = pixels
+    for layer in stem:
+        x = layer(x)
+    assert x.shape == (3, cfg.vision_width, 4, 4)
+    torch.testing.assert_close(model.vision_encoder.embeddings.patch_embeddings(pixels), x.flatten(2).transpose(1, 2))
+    model.save_pretrained(tmp_path / "m")
+    for loader in (X2VLMModel.from_pretrained, AutoModel.from_pretrained):
+        again = loader(tmp_path / "m").eval()
+        assert again.config.vision_stem == "conv"
+        assert torch.equal(again.get_image_embeds(pixels)[1], feat)  # running statistics saved and restored
+
+
+def test_conv_stem_validation_and_no_official_export():
+    with pytest.raises(ValueError, match="vision_stem must be one of"):
+        _conv_stem_config(vision_stem="resnet")
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        _conv_stem_config(patch_size=6, image_res=36)
+    cfg = _conv_stem_config()
+    with pytest.raises(ValueError, match="no official X2-VLM counterpart"):
+        to_official_state_dict(X2VLMModel(cfg), cfg)
 
 
 def test_from_pretrained_is_strict(tmp_path, tiny_model):

@@ -16,6 +16,7 @@ from transformers import BeitConfig, BertConfig, PreTrainedConfig
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+VISION_STEMS = ("patch", "conv")
 PRESETS: dict[str, dict[str, Any]] = {
     # BEiT-v2 ViT-B/16 + bert-base (12 text + 6 fusion layers); pre-trained at 224, retrieval at 384
     "base": dict(
@@ -59,6 +60,11 @@ class X2VLMConfig(PreTrainedConfig):
     vision_layer_norm_eps: float = 1e-6
     layer_scale_init_value: float = 0.1
     vision_drop_path_rate: float = 0.1
+    # "patch": one Conv2d with kernel = stride = patch_size (BEiT / X2-VLM, every official checkpoint);
+    # "conv": a convolutional stem of log2(patch_size) stride-2 3x3 convolutions (BatchNorm + GELU between them)
+    # giving the same token grid (Xiao et al. 2021, "Early convolutions help transformers see better"): for
+    # small randomly initialised models, which a linear patch embedding leaves slow to learn colour and texture
+    vision_stem: str = "patch"
     # text-only BERT layers and fusion layers (self-attention -> cross-attention to image tokens -> FFN)
     text_width: int = 768
     text_heads: int = 12
@@ -101,6 +107,9 @@ class X2VLMConfig(PreTrainedConfig):
              f"image_res {self.image_res} is not a multiple of patch_size {self.patch_size}"),
             (self.vision_layers >= 1 and self.text_layers >= 1 and self.fusion_layers >= 1,
              "vision_layers, text_layers and fusion_layers must each be >= 1"),
+            (self.vision_stem in VISION_STEMS, f"vision_stem must be one of {VISION_STEMS}, got {self.vision_stem!r}"),
+            (self.vision_stem != "conv" or (self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0),
+             f"vision_stem 'conv' needs a power-of-two patch_size >= 2, got {self.patch_size}"),
         ]
         for ok, message in checks:
             if not ok:

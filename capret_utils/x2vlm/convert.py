@@ -529,6 +529,9 @@ def to_official_state_dict(model_or_state_dict: Any, config: X2VLMConfig, naming
     Works on meta tensors, so manifests can be checked without memory."""
     if naming not in ("pretrain", "retrieval"):
         raise ValueError(f"naming must be 'pretrain' or 'retrieval', got {naming!r}")
+    if config.vision_stem != "patch":
+        raise ValueError(f"vision_stem={config.vision_stem!r} has no official X2-VLM counterpart (the official "
+                         f"vision tower embeds patches with one convolution); only 'patch' models convert")
     sd = model_or_state_dict.state_dict() if hasattr(model_or_state_dict, "state_dict") else model_or_state_dict
     if naming == "retrieval" and (config.has_mlm_head or config.has_bbox_head):
         raise ValueError("the official retrieval class has no MLM or box head; build the config with "

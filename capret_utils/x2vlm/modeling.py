@@ -43,6 +43,21 @@ def build_mlp(in_dim: int, out_dim: int) -> nn.Sequential:
                          nn.Linear(2 * in_dim, out_dim))
 
 
+def build_conv_stem(config: X2VLMConfig) -> nn.Sequential:
+    """``vision_stem="conv"``: log2(patch_size) stride-2 3x3 convolutions, the last one to ``vision_width``; the
+    ones before it to 32, 64, 128 ... channels, each followed by BatchNorm and GELU. It maps an image to the same
+    ``image_res / patch_size`` token grid as the patch embedding it replaces."""
+    n = config.patch_size.bit_length() - 1
+    layers: list[nn.Module] = []
+    channels = config.num_channels
+    for i in range(n - 1):
+        out = min(32 * 2**i, config.vision_width)
+        layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.GELU()]
+        channels = out
+    layers.append(nn.Conv2d(channels, config.vision_width, 3, stride=2, padding=1))
+    return nn.Sequential(*layers)
+
+
 @dataclass
 class X2VLMOutput(ModelOutput):
     """Outputs of :meth:`X2VLMModel.forward`; fields are None when their inputs were not given."""
@@ -79,6 +94,8 @@ class X2VLMModel(PreTrainedModel):
             "mlm_head.predictions.decoder.bias": "mlm_head.predictions.bias",
         } if config.has_mlm_head else {})
         self.vision_encoder = BeitModel(config.beit_config(), add_pooling_layer=True)  # pooler.layernorm = fc_norm
+        if config.vision_stem == "conv":
+            self.vision_encoder.embeddings.patch_embeddings.projection = build_conv_stem(config)
         self.text_encoder = BertModel(config.bert_config(fusion=False), add_pooling_layer=False)
         fusion_config = config.bert_config(fusion=True)
         self.fusion = nn.ModuleList(
