@@ -59,6 +59,8 @@ def run_pipeline(out: str | Path, smoke: bool = False, data_root: str = "", seed
             results[step.name] = sweep.read_status(run_dir) or {}
             continue
         params = {"data_root": data_root, "seed": seed, "smoke": smoke, **step.params(out)}
+        if step.name == "03_finetune":  # a plain run trains from scratch; --resume continues a killed training
+            params["resume"] = resume
         log(f"[demo] {step.name}: running into {run_dir} …")
         started = time.time()
         status = sweep.run_notebook(step.notebook, run_dir, params, log_output=False)

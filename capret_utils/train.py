@@ -85,6 +85,8 @@ ARCFACE_FILE = "arcface.safetensors"
 HISTORY_CSV, HISTORY_JSON = "history.csv", "history.json"
 EVAL_KS = (1, 5, 10, 15, 20)
 HEADLINE = ("top1", "top5", "top10", "top20", "mAP")
+_CONFIG_VOLATILE = ("transformers_version", "name_or_path", "dtype", "torch_dtype", "output_attentions",
+                    "output_hidden_states", "return_dict", "use_cache")
 # fields that may change between a killed run and its resume without changing the trajectory
 _RESUME_FREE = ("resume", "num_workers", "eval_every", "ckpt_every", "keep_checkpoints", "progress", "device",
                 "eval_image_level", "threads")
@@ -180,9 +182,13 @@ class TrainConfig:
                             crop_scale=tuple(self.crop_scale), identities_per_batch=self.batch_size // self.per_identity,
                             per_identity=self.per_identity)
 
-    def trajectory_digest(self) -> str:
-        """Hash of the fields that determine the training trajectory (checked on resume)."""
+    def trajectory_digest(self, model_config: Any = None) -> str:
+        """Hash of the fields that determine the training trajectory (checked on resume), and of the model's
+        architecture when given (a preset changed in code changes the digest too)."""
         d = {k: v for k, v in asdict(self).items() if k not in _RESUME_FREE}
+        if model_config is not None:
+            d["model_config"] = {k: v for k, v in model_config.to_dict().items()
+                                 if not k.startswith("_") and k not in _CONFIG_VOLATILE}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -717,13 +723,14 @@ def finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataFr
     collate = D.Collator(bundle.tokenizer)
     history: list[dict[str, Any]] = []
     step, train_seconds, resumed_from = 0, 0.0, None
-    digest = config.trajectory_digest()
+    digest = config.trajectory_digest(net.config)
     val_store = bundle.store(cache=True)
     if config.resume and (latest := latest_train_state(run_dir)) is not None:
+        saved_digest = json.loads((latest / "state.json").read_text()).get("digest")
+        if saved_digest != digest:
+            raise ValueError(f"{latest} was written with another training configuration or model architecture "
+                             f"(digest {saved_digest} vs {digest}); use a new run_dir or resume=False")
         state = load_train_state(latest, train_module, arcface, optimizer, scheduler, sampler, generator)
-        if state.get("digest") != digest:
-            raise ValueError(f"{latest} was written with another training configuration (digest "
-                             f"{state.get('digest')} vs {digest}); use a new run_dir or resume=False")
         step, train_seconds, history = int(state["step"]), float(state["train_seconds"]), list(state["history"])
         resumed_from = step
     elif not config.resume and (run_dir / STATE_DIR).exists():

@@ -222,11 +222,23 @@ def _resume_targets(cfg, train_items):
     return model, arcface, optimizer, train.build_scheduler(optimizer, 4, cfg), sampler, torch.Generator()
 
 
-def test_resume_refuses_another_configuration(splits, tmp_path):
+def replace_config(config, **changes):
+    return type(config)(**{**config.to_dict(), **changes})
+
+
+def test_resume_refuses_another_configuration(splits, tmp_path, monkeypatch):
     cfg = _cfg(max_steps=4, ckpt_every=1)
     train.finetune(train.prepare(cfg, splits[0]), tmp_path / "run", stop_after=1)
     with pytest.raises(ValueError, match="another training configuration"):
         train.finetune(train.prepare(replace(cfg, lr=3e-3), splits[0]), tmp_path / "run")
+    # same TrainConfig, but the preset's architecture changed in code (here: the vision stem): refused by the digest
+    # before any weight is loaded, not by a missing-key error
+    original = train.model_config
+    monkeypatch.setattr(train, "model_config", lambda c, vocab_size=None: replace_config(
+        original(c, vocab_size), vision_stem="conv", patch_size=16))
+    with pytest.raises(ValueError, match="another training configuration or model architecture"):
+        train.finetune(train.prepare(cfg, splits[0]), tmp_path / "run")
+    monkeypatch.undo()
     # resume=False starts over
     fresh = train.finetune(train.prepare(replace(cfg, resume=False, max_steps=2), splits[0]), tmp_path / "run")
     assert fresh.resumed_from is None and fresh.steps == 2
