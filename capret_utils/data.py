@@ -51,6 +51,9 @@ class DataConfig:
     context: float = 0.1  # crop margin on each side, as a fraction of the box width / height
     use_captions: str = "none"  # text per item: "none" (category name) | "template" | "dialogue" (caption store)
     box_task: bool = True  # also return the whole photo + item box for the box head
+    # 0: every sample carries its whole-photo box view; n > 0: only the first n samples of a batch need one (the
+    # training loop's box_fraction), so samples carry none and Collator(box_source=dataset) adds n per batch
+    box_per_batch: int = 0
     augment: bool = True  # random resized crop + horizontal flip of the view (training only)
     crop_scale: tuple[float, float] = (0.6, 1.0)  # area fraction of the random resized crop
     hflip_prob: float = 0.5
@@ -66,6 +69,8 @@ class DataConfig:
             raise ValueError(f"DataConfig.use_captions must be one of {CAPTION_MODES}, got {self.use_captions!r}")
         if not 0 <= self.context <= 2:
             raise ValueError(f"DataConfig.context must be in [0, 2], got {self.context}")
+        if self.box_per_batch < 0:
+            raise ValueError(f"DataConfig.box_per_batch must be >= 0, got {self.box_per_batch}")
         if self.identities_per_batch < 2 or self.per_identity < 1:
             raise ValueError("DataConfig needs identities_per_batch >= 2 and per_identity >= 1 (got "
                              f"{self.identities_per_batch}, {self.per_identity})")
@@ -276,20 +281,29 @@ class ItemDataset(torch.utils.data.Dataset):
                   # ITC/ITM positives: same identity; an item without one only matches itself
                   "itc_id": label if label >= 0 else -1 - int(row_idx),
                   "text_id": int(self.text_group[row_idx]), "row": int(row_idx), "key": str(row["key"])}
-        if cfg.box_task:
-            image, factor = self.store.image(row)
-            box = [float(row[k]) * factor for k in ("x1", "y1", "x2", "y2")]
-            box_pixels, target = self.processor.process_one(image, train=False, box=box)
-            sample["box_pixel_values"] = torch.from_numpy(box_pixels)
-            sample["box_target"] = torch.from_numpy(target)
+        if cfg.box_task and not cfg.box_per_batch:
+            sample.update(self.box_sample(int(row_idx)))
         return sample
+
+    def box_sample(self, row_idx: int) -> dict[str, torch.Tensor]:
+        """The box task's input for one row: the whole photo and the item box relative to it (cx, cy, w, h)."""
+        row = self.rows[int(row_idx)]
+        image, factor = self.store.image(row)
+        box = [float(row[k]) * factor for k in ("x1", "y1", "x2", "y2")]
+        box_pixels, target = self.processor.process_one(image, train=False, box=box)
+        return {"box_pixel_values": torch.from_numpy(box_pixels), "box_target": torch.from_numpy(target)}
 
 
 class Collator:
-    """Stack a list of samples; tokenise the texts (``padding="longest"``, official training call)."""
+    """Stack a list of samples; tokenise the texts (``padding="longest"``, official training call).
 
-    def __init__(self, tokenizer: X2VLMTokenizer) -> None:
+    With ``box_source`` (a dataset whose ``config.box_per_batch`` is n > 0), the box task's inputs are built here
+    for the first n samples of the batch only, instead of for every sample.
+    """
+
+    def __init__(self, tokenizer: X2VLMTokenizer, box_source: ItemDataset | None = None) -> None:
         self.tokenizer = tokenizer
+        self.box_source = box_source
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         enc = self.tokenizer([s["text"] for s in samples], padding="longest")
@@ -302,9 +316,13 @@ class Collator:
             "rows": torch.tensor([s["row"] for s in samples], dtype=torch.long),
             "keys": [s["key"] for s in samples],
         }
-        if "box_pixel_values" in samples[0]:
-            batch["box_pixel_values"] = torch.stack([s["box_pixel_values"] for s in samples])
-            batch["box_targets"] = torch.stack([s["box_target"] for s in samples])
+        boxes = [s for s in samples if "box_pixel_values" in s]
+        src = self.box_source
+        if src is not None and src.config.box_task and src.config.box_per_batch and not boxes:
+            boxes = [src.box_sample(s["row"]) for s in samples[:src.config.box_per_batch]]
+        if boxes:
+            batch["box_pixel_values"] = torch.stack([s["box_pixel_values"] for s in boxes])
+            batch["box_targets"] = torch.stack([s["box_target"] for s in boxes])
         return batch
 
 

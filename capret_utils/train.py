@@ -179,6 +179,7 @@ class TrainConfig:
     def data_config(self, image_res: int) -> D.DataConfig:
         return D.DataConfig(image_res=image_res, view="crop" if self.use_boxes else "image", context=self.context,
                             use_captions=self.use_captions, box_task=bool(self.use_boxes and self.w_box),
+                            box_per_batch=box_count(self.batch_size, self.box_fraction),
                             crop_scale=tuple(self.crop_scale), identities_per_batch=self.batch_size // self.per_identity,
                             per_identity=self.per_identity)
 
@@ -452,6 +453,11 @@ def total_steps_for(config: TrainConfig, batches_per_epoch: int) -> int:
 # ------------------------------------------------------------------------------------------ one step
 
 
+def box_count(batch_size: int, box_fraction: float) -> int:
+    """How many samples of a batch also train the box head (the first ones)."""
+    return max(1, int(math.ceil(batch_size * box_fraction)))
+
+
 def compute_losses(net: X2VLMModel, arcface: L.ArcFace, batch: Mapping[str, Any], weights: L.LossWeights,
                    generator: torch.Generator, box_fraction: float = 0.25, device: torch.device | None = None,
                    bf16: bool = True) -> dict[str, torch.Tensor]:
@@ -489,7 +495,10 @@ def compute_losses(net: X2VLMModel, arcface: L.ArcFace, batch: Mapping[str, Any]
     if weights.box:
         if "box_pixel_values" not in batch:
             raise ValueError("the box loss is on but the batch has no box targets (DataConfig.box_task)")
-        nb = max(1, int(math.ceil(pv.shape[0] * box_fraction)))
+        nb = box_count(pv.shape[0], box_fraction)
+        if batch["box_pixel_values"].shape[0] < nb:
+            raise ValueError(f"the batch holds {batch['box_pixel_values'].shape[0]} box samples, the box loss needs "
+                             f"{nb} (box_fraction {box_fraction} of {pv.shape[0]})")
         with E.autocast(device, bf16):
             box_embeds, _ = net.get_image_embeds(batch["box_pixel_values"][:nb].to(device))
             fused_box = net.get_fusion_embeds(text_embeds[:nb], mask[:nb], box_embeds)
@@ -720,7 +729,7 @@ def finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataFr
     optimizer = build_optimizer(train_module, arcface, config)
     scheduler = build_scheduler(optimizer, total, config)
     generator = torch.Generator().manual_seed(config.seed + 1)
-    collate = D.Collator(bundle.tokenizer)
+    collate = D.Collator(bundle.tokenizer, box_source=setup.dataset)
     history: list[dict[str, Any]] = []
     step, train_seconds, resumed_from = 0, 0.0, None
     digest = config.trajectory_digest(net.config)

@@ -184,6 +184,22 @@ def test_collator(train_items):
     assert batch["labels"].dtype == torch.long
 
 
+def test_collator_builds_box_views_for_the_first_box_per_batch_samples_only(train_items):
+    every = _dataset(train_items, identities_per_batch=2, box_task=True)
+    lazy = _dataset(train_items, identities_per_batch=2, box_task=True, box_per_batch=2)
+    tok = build_wordpiece_tokenizer(fashion_caption_corpus() + list(train_items["category_name"]), 256)
+    idx = [(i, i) for i in (2, 3, 4, 9)]
+    assert "box_pixel_values" not in lazy[idx[0]]
+    ref = D.Collator(tok)([every[i] for i in idx])
+    got = D.Collator(tok, box_source=lazy)([lazy[i] for i in idx])
+    assert got["box_pixel_values"].shape == (2, 3, 32, 32) and got["box_targets"].shape == (2, 4)
+    assert torch.equal(got["box_pixel_values"], ref["box_pixel_values"][:2])
+    assert torch.equal(got["box_targets"], ref["box_targets"][:2])
+    assert torch.equal(got["pixel_values"], ref["pixel_values"])
+    with pytest.raises(ValueError, match="box_per_batch"):
+        D.DataConfig(box_per_batch=-1).validate()
+
+
 def test_data_config_validation():
     with pytest.raises(ValueError, match="view"):
         D.DataConfig(view="patch").validate()

@@ -91,7 +91,8 @@ def test_optimizer_groups(splits):
 
 def _batch(setup, n=8):
     sampler = D.PKBatchSampler(setup.labels, setup.data_config.identities_per_batch, 2, seed=0)
-    return D.Collator(setup.bundle.tokenizer)([setup.dataset[i] for i in sampler.batches(0)[0][:n]])
+    return D.Collator(setup.bundle.tokenizer, box_source=setup.dataset)(
+        [setup.dataset[i] for i in sampler.batches(0)[0][:n]])
 
 
 def test_compute_losses_every_term_and_gradients(splits):
