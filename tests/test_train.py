@@ -223,6 +223,22 @@ def _resume_targets(cfg, train_items):
     return model, arcface, optimizer, train.build_scheduler(optimizer, 4, cfg), sampler, torch.Generator()
 
 
+def test_training_runs_with_deterministic_algorithms_and_restores_the_setting(splits, tmp_path):
+    seen = []
+    before = torch.are_deterministic_algorithms_enabled()
+    cfg = _cfg(max_steps=3, threads=2)
+    a = train.finetune(train.prepare(cfg, splits[0]), tmp_path / "a",
+                       callback=lambda row: seen.append(torch.are_deterministic_algorithms_enabled()))
+    assert seen and all(seen) and torch.are_deterministic_algorithms_enabled() == before
+    b = train.finetune(train.prepare(cfg, splits[0]), tmp_path / "b")
+    sa, sb = a.bundle.model.state_dict(), b.bundle.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # 2 threads, bitwise the same
+    seen.clear()
+    train.finetune(train.prepare(replace(cfg, deterministic=False), splits[0]), tmp_path / "c",
+                   callback=lambda row: seen.append(torch.are_deterministic_algorithms_enabled()))
+    assert seen and not any(seen)
+
+
 def replace_config(config, **changes):
     return type(config)(**{**config.to_dict(), **changes})
 
