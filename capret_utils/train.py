@@ -76,7 +76,8 @@ DEMO_PRESET: dict[str, Any] = dict(
     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
 )
 """The ``demo`` model: small enough to learn the synthetic benchmark from random weights on 2 CPU cores in minutes
-(64 px item crops, 16 px patches, 4 + 2 + 2 layers of width 128, a 512-entry WordPiece vocabulary)."""
+(64 px item crops, a convolutional stem onto a 4 x 4 token grid, 4 + 2 + 2 layers of width 128, no dropout, a
+512-entry WordPiece vocabulary)."""
 RANDOM_INIT_PRESETS = ("tiny", "demo")
 HEAD_NAMES = ("vision_proj", "text_proj", "itm_head", "bbox_head")
 STATE_DIR = "train_state"
