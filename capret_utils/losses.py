@@ -122,18 +122,22 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, pos: torch.Tensor, generator: t
 
 def itm_pairs(image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor,
               neg_image_for_text: torch.Tensor, text_has_neg: torch.Tensor,
-              neg_text_for_image: torch.Tensor, image_has_neg: torch.Tensor,
+              neg_text_for_image: torch.Tensor, image_has_neg: torch.Tensor, rows: int | None = None,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ITM batch: B positives, then (negative image, text) and (image, negative text) for rows that have one.
 
-    Returns ``(image_embeds, text_embeds, text_mask, labels)`` of the stacked pairs; labels 1 = match, 0 = not.
+    ``rows``: only the first ``rows`` texts / images contribute pairs (their negatives still come from the whole
+    batch), which cuts the fusion-encoder cost by B / rows. Returns ``(image_embeds, text_embeds, text_mask,
+    labels)`` of the stacked pairs; labels 1 = match, 0 = not.
     """
-    b = image_embeds.shape[0]
-    t_rows = torch.nonzero(text_has_neg).squeeze(1)
-    i_rows = torch.nonzero(image_has_neg).squeeze(1)
-    images = torch.cat([image_embeds, image_embeds[neg_image_for_text[t_rows]], image_embeds[i_rows]])
-    texts = torch.cat([text_embeds, text_embeds[t_rows], text_embeds[neg_text_for_image[i_rows]]])
-    masks = torch.cat([text_mask, text_mask[t_rows], text_mask[neg_text_for_image[i_rows]]])
+    b = image_embeds.shape[0] if rows is None else min(int(rows), image_embeds.shape[0])
+    if b < 1:
+        raise ValueError(f"itm_pairs: rows must be >= 1, got {rows}")
+    t_rows = torch.nonzero(text_has_neg[:b]).squeeze(1)
+    i_rows = torch.nonzero(image_has_neg[:b]).squeeze(1)
+    images = torch.cat([image_embeds[:b], image_embeds[neg_image_for_text[t_rows]], image_embeds[i_rows]])
+    texts = torch.cat([text_embeds[:b], text_embeds[t_rows], text_embeds[neg_text_for_image[i_rows]]])
+    masks = torch.cat([text_mask[:b], text_mask[t_rows], text_mask[neg_text_for_image[i_rows]]])
     labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(len(t_rows) + len(i_rows), dtype=torch.long)])
     return images, texts, masks, labels.to(image_embeds.device)
 

@@ -113,6 +113,10 @@ class TrainConfig:
     batch_size: int = 64  # items per step = identities per batch x per_identity
     per_identity: int = 2  # K of the P x K sampler
     box_fraction: float = 0.25  # share of each batch that also trains the box head on the whole photo
+    # share of each batch (its first rows) whose ITM pairs (1 positive + 2 hard negatives) go through the fusion
+    # encoder; negatives are still drawn from the whole batch. 0 = auto: 0.25 for the random-init demo / tiny
+    # presets (the CPU budget: ITM on every row cost ~0.2 s of a ~0.85 s demo step), 1 (official) otherwise
+    itm_fraction: float = 0.0
     crop_scale: tuple[float, float] = (0.6, 1.0)  # random resized crop area range (training augmentation)
     # losses
     margin: float = 0.15  # ArcFace angular margin, radians
@@ -167,6 +171,8 @@ class TrainConfig:
             raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if not 0 < self.box_fraction <= 1:
             raise ValueError(f"box_fraction must be in (0, 1], got {self.box_fraction}")
+        if not 0 <= self.itm_fraction <= 1:
+            raise ValueError(f"itm_fraction must be in [0, 1] (0 = auto), got {self.itm_fraction}")
         if self.lr <= 0 or self.lr_arcface <= 0:
             raise ValueError("learning rates must be > 0")
         self.weights().validate()
@@ -174,6 +180,13 @@ class TrainConfig:
     def weights(self) -> L.LossWeights:
         return L.LossWeights(itc=self.w_itc, itm=self.w_itm, box=self.w_box if self.use_boxes else 0.0,
                              arcface=self.w_arcface, arcface_fused=self.w_arcface_fused if self.w_itm else 0.0)
+
+    @property
+    def itm_share(self) -> float:
+        """``itm_fraction`` with 0 (auto) resolved."""
+        if self.itm_fraction:
+            return self.itm_fraction
+        return 0.25 if self.model in RANDOM_INIT_PRESETS else 1.0
 
     @property
     def mode(self) -> str:
@@ -465,9 +478,10 @@ def box_count(batch_size: int, box_fraction: float) -> int:
 
 def compute_losses(net: X2VLMModel, arcface: L.ArcFace, batch: Mapping[str, Any], weights: L.LossWeights,
                    generator: torch.Generator, box_fraction: float = 0.25, device: torch.device | None = None,
-                   bf16: bool = True) -> dict[str, torch.Tensor]:
+                   bf16: bool = True, itm_fraction: float = 1.0) -> dict[str, torch.Tensor]:
     """Every active loss term of one batch (unweighted). ``net`` is the plain X2-VLM (LoRA layers, if any,
-    are injected in its modules)."""
+    are injected in its modules). The box loss uses the first ``box_count(B, box_fraction)`` samples; ITM fuses
+    the pairs of the first ``box_count(B, itm_fraction)`` texts and images (negatives drawn from all B)."""
     device = device or next(net.parameters()).device
     pv = batch["pixel_values"].to(device)
     labels = batch["labels"].to(device)
@@ -487,16 +501,16 @@ def compute_losses(net: X2VLMModel, arcface: L.ArcFace, batch: Mapping[str, Any]
         with torch.no_grad():
             sim = image_feat.float() @ text_feat.float().t() / net.temp
         negs = L.sample_hard_negatives(sim, pos, generator)
-        images, texts, masks, itm_labels = L.itm_pairs(image_embeds, text_embeds, mask, *negs)
+        n_itm = box_count(pv.shape[0], itm_fraction)
+        images, texts, masks, itm_labels = L.itm_pairs(image_embeds, text_embeds, mask, *negs, rows=n_itm)
         with E.autocast(device, bf16):
             fused = net.get_fusion_embeds(texts, masks, images)
             logits = net.itm_logits(fused)
         terms["itm"] = L.itm_loss(logits, itm_labels)
         if weights.arcface_fused:
-            b = pv.shape[0]
             with E.autocast(device, bf16):
-                fused_emb = net.text_proj(fused[:b, 0, :])
-            terms["arcface_fused"] = arcface(F.normalize(fused_emb.float(), dim=-1), labels)
+                fused_emb = net.text_proj(fused[:n_itm, 0, :])
+            terms["arcface_fused"] = arcface(F.normalize(fused_emb.float(), dim=-1), labels[:n_itm])
     if weights.box:
         if "box_pixel_values" not in batch:
             raise ValueError("the box loss is on but the batch has no box targets (DataConfig.box_task)")
@@ -524,7 +538,7 @@ _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _running_stats(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """BatchNorm statistics (``vision_stem="conv"``): buffers that training changes, saved with the weights."""
+    """BatchNorm statistics (``vision_stem="conv"`` / ``"cnn"``): buffers that training changes, saved with the weights."""
     return {n: b.detach().cpu().contiguous() for n, b in model.named_buffers() if n.endswith(_RUNNING_STATS)}
 
 
@@ -818,7 +832,8 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
                 except StopIteration:
                     batches, loader_epoch = None, loader_epoch + 1
             sampler.advance()
-            terms = compute_losses(net, arcface, batch, weights, generator, config.box_fraction, device, config.bf16)
+            terms = compute_losses(net, arcface, batch, weights, generator, config.box_fraction, device, config.bf16,
+                                   config.itm_share)
             loss = L.total_loss(terms, weights, step + 1) / config.grad_accum
             loss.backward()
             loss_sum += float(loss.detach())

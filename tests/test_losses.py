@@ -132,6 +132,24 @@ def test_itm_pairs_layout_and_loss_reference():
     assert L.itm_loss(logits, y).item() == pytest.approx(ref, rel=1e-6)
 
 
+def test_itm_pairs_rows_keeps_only_the_first_rows_pairs():
+    b = 4
+    img = torch.arange(b, dtype=torch.float32).view(b, 1, 1).expand(b, 2, 4).clone()
+    txt = (10 + torch.arange(b, dtype=torch.float32)).view(b, 1, 1).expand(b, 5, 4).clone()
+    mask = torch.ones(b, 5, dtype=torch.long)
+    neg_img = torch.tensor([3, 2, 1, 0])  # negatives may come from rows outside the first two
+    neg_txt = torch.tensor([2, 3, 0, 1])
+    ok = torch.tensor([True, False, True, True])
+    images, texts, _, labels = L.itm_pairs(img, txt, mask, neg_img, ok, neg_txt, ok, rows=2)
+    assert labels.tolist() == [1, 1, 0, 0]  # 2 positives; row 1 has no negative
+    assert images[:, 0, 0].tolist() == [0, 1, 3, 0]
+    assert texts[:, 0, 0].tolist() == [10, 11, 10, 12]
+    full = L.itm_pairs(img, txt, mask, neg_img, ok, neg_txt, ok, rows=b)
+    assert all(torch.equal(x, y) for x, y in zip(full, L.itm_pairs(img, txt, mask, neg_img, ok, neg_txt, ok)))
+    with pytest.raises(ValueError, match="rows"):
+        L.itm_pairs(img, txt, mask, neg_img, ok, neg_txt, ok, rows=0)
+
+
 # ------------------------------------------------------------------------------------------------ boxes
 
 

@@ -114,6 +114,29 @@ def test_compute_losses_every_term_and_gradients(splits):
     assert set(off) == {"itc"}
 
 
+def test_itm_fraction_fuses_only_the_first_rows_pairs(splits, monkeypatch):
+    cfg = _cfg(w_box=0)
+    setup = train.prepare(cfg, splits[0])
+    net = setup.bundle.model.train()
+    arc = L.ArcFace(len(setup.classes), net.config.embed_dim, cfg.margin, cfg.scale)
+    batch = _batch(setup)
+    b = batch["pixel_values"].shape[0]
+    sizes = []
+    fuse = net.get_fusion_embeds
+    monkeypatch.setattr(net, "get_fusion_embeds", lambda t, m, i: sizes.append(t.shape[0]) or fuse(t, m, i))
+    for fraction in (1.0, 0.5):
+        terms = train.compute_losses(net, arc, batch, cfg.weights(), torch.Generator().manual_seed(0),
+                                     itm_fraction=fraction)
+        assert torch.isfinite(terms["itm"])
+    n = train.box_count(b, 0.5)
+    assert sizes[0] > 2 * n and b < sizes[0] <= 3 * b  # every row: its positive and up to two negatives
+    assert n <= sizes[1] <= 3 * n
+    with pytest.raises(ValueError, match="itm_fraction"):
+        _cfg(itm_fraction=1.5).validate()
+    assert train.TrainConfig(model="demo").itm_share == 0.25 and train.TrainConfig(model="base").itm_share == 1.0
+    assert train.TrainConfig(model="base", itm_fraction=0.5).itm_share == 0.5
+
+
 def test_nan_guard_names_step_and_terms(splits, tmp_path):
     setup = train.prepare(_cfg(max_steps=2), splits[0])
     with torch.no_grad():

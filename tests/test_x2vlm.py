@@ -533,20 +533,29 @@ def _conv_stem_config(**kw) -> X2VLMConfig:
     return X2VLMConfig(**base)
 
 
-def test_conv_stem_keeps_the_token_grid_and_round_trips(tmp_path):
+# patch 8, width 48. "conv": three stride-2 3x3 convolutions (32, then 64 capped at the width, then the width) with
+# BatchNorm + GELU between them. "cnn": a stride-2 3x3 convolution to 32, two stride-1 blocks (64, 96) each with
+# BatchNorm + ReLU + 2x2 max-pool, then a 3x3 convolution to the width.
+STEMS = {
+    "conv": ([((3, 3), (2, 2), 32), ((3, 3), (2, 2), 48), ((3, 3), (2, 2), 48)], 2, 0),
+    "cnn": ([((3, 3), (2, 2), 32), ((3, 3), (1, 1), 64), ((3, 3), (1, 1), 96), ((3, 3), (1, 1), 48)], 3, 2),
+}
+
+
+@pytest.mark.parametrize("stem_kind", sorted(STEMS))
+def test_conv_stem_keeps_the_token_grid_and_round_trips(tmp_path, stem_kind):
     from transformers import AutoModel
 
-    cfg = _conv_stem_config()
+    cfg = _conv_stem_config(vision_stem=stem_kind)
     torch.manual_seed(0)
     model = X2VLMModel(cfg)
     stem = model.vision_encoder.embeddings.patch_embeddings.projection
     convs = [m for m in stem if isinstance(m, torch.nn.Conv2d)]
-    # patch 8 = three stride-2 3x3 convolutions (32, then 64 capped at the width 48, then the width), BatchNorm +
-    # GELU between them
+    layout, n_norm, n_pool = STEMS[stem_kind]
     assert cfg.vision_width == 48
-    assert [(c.kernel_size, c.stride, c.out_channels) for c in convs] == [
-        ((3, 3), (2, 2), 32), ((3, 3), (2, 2), 48), ((3, 3), (2, 2), 48)]
-    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in stem) == 2
+    assert [(c.kernel_size, c.stride, c.out_channels) for c in convs] == layout
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in stem) == n_norm
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in stem) == n_pool
     pixels = torch.randn(3, 3, 32, 32)
     model.train()
     model.get_image_embeds(pixels)  # moves the BatchNorm running statistics away from their initial values
@@ -562,18 +571,19 @@ def test_conv_stem_keeps_the_token_grid_and_round_trips(tmp_path):
     model.save_pretrained(tmp_path / "m")
     for loader in (X2VLMModel.from_pretrained, AutoModel.from_pretrained):
         again = loader(tmp_path / "m").eval()
-        assert again.config.vision_stem == "conv"
+        assert again.config.vision_stem == stem_kind
         assert torch.equal(again.get_image_embeds(pixels)[1], feat)  # running statistics saved and restored
 
 
 def test_conv_stem_validation_and_no_official_export():
     with pytest.raises(ValueError, match="vision_stem must be one of"):
         _conv_stem_config(vision_stem="resnet")
-    with pytest.raises(ValueError, match="power-of-two patch_size"):
-        _conv_stem_config(patch_size=6, image_res=36)
-    cfg = _conv_stem_config()
-    with pytest.raises(ValueError, match="no official X2-VLM counterpart"):
-        to_official_state_dict(X2VLMModel(cfg), cfg)
+    for stem_kind in STEMS:
+        with pytest.raises(ValueError, match="power-of-two patch_size"):
+            _conv_stem_config(patch_size=6, image_res=36, vision_stem=stem_kind)
+        cfg = _conv_stem_config(vision_stem=stem_kind)
+        with pytest.raises(ValueError, match="no official X2-VLM counterpart"):
+            to_official_state_dict(X2VLMModel(cfg), cfg)
 
 
 def test_from_pretrained_is_strict(tmp_path, tiny_model):

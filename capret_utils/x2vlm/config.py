@@ -16,7 +16,7 @@ from transformers import BeitConfig, BertConfig, PreTrainedConfig
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-VISION_STEMS = ("patch", "conv")
+VISION_STEMS = ("patch", "conv", "cnn")
 PRESETS: dict[str, dict[str, Any]] = {
     # BEiT-v2 ViT-B/16 + bert-base (12 text + 6 fusion layers); pre-trained at 224, retrieval at 384
     "base": dict(
@@ -63,7 +63,9 @@ class X2VLMConfig(PreTrainedConfig):
     # "patch": one Conv2d with kernel = stride = patch_size (BEiT / X2-VLM, every official checkpoint);
     # "conv": a convolutional stem of log2(patch_size) stride-2 3x3 convolutions (BatchNorm + GELU between them)
     # giving the same token grid (Xiao et al. 2021, "Early convolutions help transformers see better"): for
-    # small randomly initialised models, which a linear patch embedding leaves slow to learn colour and texture
+    # small randomly initialised models, which a linear patch embedding leaves slow to learn colour and texture;
+    # "cnn": a hybrid ViT (Dosovitskiy et al. 2021, section 3.1): a small CNN (3x3 conv + BatchNorm + ReLU +
+    # 2x2 max-pool blocks) whose last feature map is the same token grid; learns fastest from random weights
     vision_stem: str = "patch"
     # text-only BERT layers and fusion layers (self-attention -> cross-attention to image tokens -> FFN)
     text_width: int = 768
@@ -108,8 +110,8 @@ class X2VLMConfig(PreTrainedConfig):
             (self.vision_layers >= 1 and self.text_layers >= 1 and self.fusion_layers >= 1,
              "vision_layers, text_layers and fusion_layers must each be >= 1"),
             (self.vision_stem in VISION_STEMS, f"vision_stem must be one of {VISION_STEMS}, got {self.vision_stem!r}"),
-            (self.vision_stem != "conv" or (self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0),
-             f"vision_stem 'conv' needs a power-of-two patch_size >= 2, got {self.patch_size}"),
+            (self.vision_stem == "patch" or (self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0),
+             f"vision_stem {self.vision_stem!r} needs a power-of-two patch_size >= 2, got {self.patch_size}"),
         ]
         for ok, message in checks:
             if not ok:

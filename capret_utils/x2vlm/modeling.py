@@ -58,6 +58,25 @@ def build_conv_stem(config: X2VLMConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def build_cnn_stem(config: X2VLMConfig) -> nn.Sequential:
+    """``vision_stem="cnn"`` (a hybrid ViT): a stride-2 3x3 convolution to 32 channels, then log2(patch_size) - 1
+    blocks of 3x3 convolution (64, 96, 128 ... channels) + BatchNorm + ReLU + 2x2 max-pool, then a 3x3 convolution
+    to ``vision_width``: the same ``image_res / patch_size`` token grid as the patch embedding, from a feature map
+    computed at full resolution (about 3x the multiply-adds of ``"conv"``)."""
+    n = config.patch_size.bit_length() - 1
+    channels = [32 * (i + 1) for i in range(n)]
+    layers: list[nn.Module] = [nn.Conv2d(config.num_channels, channels[0], 3, stride=2, padding=1, bias=False),
+                               nn.BatchNorm2d(channels[0]), nn.ReLU()]
+    for i in range(1, n):
+        layers += [nn.Conv2d(channels[i - 1], channels[i], 3, padding=1, bias=False), nn.BatchNorm2d(channels[i]),
+                   nn.ReLU(), nn.MaxPool2d(2)]
+    layers.append(nn.Conv2d(channels[-1], config.vision_width, 3, padding=1))
+    return nn.Sequential(*layers)
+
+
+STEM_BUILDERS = {"conv": build_conv_stem, "cnn": build_cnn_stem}
+
+
 @dataclass
 class X2VLMOutput(ModelOutput):
     """Outputs of :meth:`X2VLMModel.forward`; fields are None when their inputs were not given."""
@@ -94,8 +113,8 @@ class X2VLMModel(PreTrainedModel):
             "mlm_head.predictions.decoder.bias": "mlm_head.predictions.bias",
         } if config.has_mlm_head else {})
         self.vision_encoder = BeitModel(config.beit_config(), add_pooling_layer=True)  # pooler.layernorm = fc_norm
-        if config.vision_stem == "conv":
-            self.vision_encoder.embeddings.patch_embeddings.projection = build_conv_stem(config)
+        if config.vision_stem in STEM_BUILDERS:
+            self.vision_encoder.embeddings.patch_embeddings.projection = STEM_BUILDERS[config.vision_stem](config)
         self.text_encoder = BertModel(config.bert_config(fusion=False), add_pooling_layer=False)
         fusion_config = config.bert_config(fusion=True)
         self.fusion = nn.ModuleList(
