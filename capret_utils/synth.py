@@ -103,9 +103,12 @@ class SynthConfig:
     """
 
     seed: int = 0
-    train_pairs: int = 450
+    # train: fewer identities, more user photos each. In the demo's fixed step budget ArcFace learns faster from
+    # identities it sees often: 360 vision-only steps gave val hit@1 0.07 / 0.39 / 0.52 / 0.57 with 1200 / 450 /
+    # 250 / 150 train pairs (the validation split does not depend on the train sizes)
+    train_pairs: int = 250
     val_pairs: int = 110
-    train_user_per_pair: tuple[int, int] = (2, 4)
+    train_user_per_pair: tuple[int, int] = (4, 6)
     val_user_per_pair: tuple[int, int] = (3, 5)
     shop_per_pair: tuple[int, int] = (1, 3)
     two_style_prob: float = 0.3
@@ -119,7 +122,7 @@ class SynthConfig:
 
     @classmethod
     def demo(cls, seed: int = 0) -> "SynthConfig":
-        """The ``make demo`` size (the defaults): 450 train / 110 validation pairs, long side 256–320 px."""
+        """The ``make demo`` size (the defaults): 250 train / 110 validation pairs, long side 256–320 px."""
         return cls(seed=seed)
 
     @classmethod
