@@ -11,10 +11,11 @@ This module owns everything that turns an items-table row into a caption:
   one left-padded batched LLM call and one batched VQA call per round, one batched summary call.
 
   Questioners (:class:`Questioner` protocol): :class:`ChatLLMQuestioner` (any HF chat causal LM through its chat
-  template, default Phi-3-mini, optional 4-bit NF4), :class:`ScriptedQuestioner` (fixed question list +
-  rule-based summary; the offline questioner). Answerers (:class:`Answerer` protocol): :class:`VQAAnswerer`
-  (BLIP VQA or BLIP-2, chosen by the checkpoint's config), :class:`AttributeAnswerer` (ground truth from the
-  items table + ``attributes.jsonl``; the offline answerer and a ceiling for a perfect VQA).
+  template, default Phi-3-mini, optional 4-bit NF4, the KV cache of the shared dialogue prefix reused across
+  rounds), :class:`ScriptedQuestioner` (fixed question list + rule-based summary; the offline questioner).
+  Answerers (:class:`Answerer` protocol): :class:`VQAAnswerer` (BLIP VQA or BLIP-2, chosen by the checkpoint's
+  config), :class:`AttributeAnswerer` (ground truth from the items table + ``attributes.jsonl``; the offline
+  answerer and a ceiling for a perfect VQA).
 * :class:`CaptionStore` — ``captions.jsonl``, one JSON object per item, appended and fsync'ed per batch; a
   restarted run skips finished keys; a torn last line (a run killed mid-write) is reported by readers and cut
   off before appending. :func:`load_captions` is what fine-tuning and retrieval call.
@@ -665,6 +666,15 @@ class ChatLLMQuestioner:
     cue ``Question:`` (or ``Summary:``). A tokenizer without a chat template gets ChatCaptioner's flat completion
     prompt instead. Prompts are left-padded into one ``generate`` call per round; decoding stops on every end
     token the model and tokenizer declare (Phi-3: ``<|end|>`` 32007 and ``<|endoftext|>`` 32000).
+
+    Prefix reuse (``LLMConfig.prefix_cache``, default on): each round re-sends the whole dialogue, so the KV
+    cache of the previous call is kept and every prompt of the next call starts from the longest token prefix it
+    shares with any row of that call (its own dialogue up to the previous answer; the next-question instruction
+    sits in the last user turn, so the shared part ends before it). The prompt text and the token ids, mask and
+    position ids given to the model are unchanged; greedy outputs are the same as with a full prefill (tested).
+    On the benchmark (batch 32, 10 rounds) ~80 % of the prompt tokens come from the cache. The cache of the last
+    call is held until the next one (on a GPU ≈ 0.39 MB per token per row for Phi-3-mini in bf16), call
+    :meth:`clear_prefix_cache` to free it. With ``prefix_cache=False`` every call is a plain ``generate``.
     """
 
     def __init__(self, model_id: str = DEFAULT_LLM, config: LLMConfig | None = None) -> None:
