@@ -6,7 +6,9 @@ from folders written by ``save_pretrained``) over the same items twice — all i
 dialogues, and reports items/s, LLM tokens/s and the speed-up. Default workload: ChatCaptioner's settings,
 10 rounds, 30 tokens per question, 100 per summary; ``--min-new-tokens`` defaults to the maximum so every call
 generates the full length (random weights would otherwise stop at random; real models stop earlier, and a
-batch then waits for its longest member).
+batch then waits for its longest member). Both runs use the same ``LLMConfig``: cross-round KV-cache reuse of the
+shared prompt prefix (``prefix_cache``, on by default; ``--no-prefix-cache`` re-prefills every prompt in full);
+``llm_cached_prompt_tokens`` counts the prompt tokens read from the reused cache.
 
     python benchmarks/bench_captions.py                                   # tiny Phi-3 + tiny BLIP, CPU, batch 32
     python benchmarks/bench_captions.py --vqa blip2 --items 16 --batch-size 16
@@ -81,6 +83,7 @@ def _run(captioner: C.DialogueCaptioner, rows: list[dict], batch_size: int) -> t
         "items": len(rows), "batch_size": batch_size, "seconds": round(seconds, 3),
         "items_per_s": round(len(rows) / seconds, 3),
         "llm_calls": llm.calls, "llm_generated_tokens": llm.generated_tokens, "llm_prompt_tokens": llm.prompt_tokens,
+        "llm_cached_prompt_tokens": llm.cached_prompt_tokens,
         "llm_seconds": round(llm.seconds, 3), "llm_tokens_per_s": round(llm.generated_tokens / llm.seconds, 1),
         "vqa_calls": vqa.calls, "vqa_seconds": round(vqa.seconds, 3),
     }
@@ -104,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vqa", choices=("blip", "blip2"), default="blip", help="tiny VQA model")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--load-in-4bit", action="store_true", help="LLM in NF4 (double quant, bf16 compute)")
+    ap.add_argument("--no-prefix-cache", action="store_true", help="re-prefill every prompt (LLMConfig.prefix_cache)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: best for tiny models)")
     ap.add_argument("--data-root", default="", help="DeepFashion2-format root (default: synthetic smoke benchmark)")
     ap.add_argument("--model-dir", default="", help="where models are built (default: a temp folder)")
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         questioner = C.ChatLLMQuestioner(str(llm_path), C.LLMConfig(
             device=args.device, load_in_4bit=args.load_in_4bit, max_new_tokens=args.question_tokens,
-            summary_max_new_tokens=args.summary_tokens,
+            summary_max_new_tokens=args.summary_tokens, prefix_cache=not args.no_prefix_cache,
             min_new_tokens=max(args.question_tokens, args.summary_tokens) if min_new < 0 else min_new))
         load_s = time.perf_counter() - t0
         answerer = C.VQAAnswerer(str(tiny[args.vqa]), C.VQAConfig(
@@ -146,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "captions: batched lockstep dialogue vs one item at a time",
         "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(0),
         "llm": args.llm_config, "llm_params": llm_params, "load_in_4bit": args.load_in_4bit,
+        "prefix_cache": not args.no_prefix_cache,
         "llm_load_seconds": round(load_s, 2), "vqa": f"tiny {args.vqa}",
         "rounds": args.rounds, "question_tokens": args.question_tokens, "summary_tokens": args.summary_tokens,
         "answer_tokens": args.answer_tokens, "min_new_tokens": "max" if min_new < 0 else min_new,

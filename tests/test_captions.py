@@ -362,6 +362,42 @@ def test_batched_lockstep_equals_one_at_a_time_with_tiny_hf_models(tiny, items, 
     assert all(r["dialogue"][0]["question"] == C.FIRST_QUESTION for r in batched)
 
 
+def test_prefix_cache_reuse_gives_the_same_dialogues_as_full_prefill(tiny, items):
+    """Cross-round KV reuse (the default) is exact: same dialogues as re-prefilling every prompt, batched (rows
+    with different cached-prefix lengths, left padding re-laid out) and one at a time; most prompt tokens of the
+    later rounds come from the cache."""
+    rows = items.to_dict("records")[:6]
+    runs = {}
+    for reuse in (False, True):
+        captioner = _hf_captioner(tiny, "blip", rounds=4)
+        captioner.questioner.config.prefix_cache = reuse
+        runs[reuse] = (captioner.caption_batch(rows), [captioner.caption_batch([r])[0] for r in rows])
+        stats = captioner.questioner.stats
+        assert (stats.cached_prompt_tokens > stats.prompt_tokens // 2) == reuse
+    assert runs[True] == runs[False]
+    assert runs[True][0] == runs[True][1]
+
+
+def test_prefix_cache_matches_any_previous_row_and_keeps_one_token_to_feed(tiny):
+    """Rows are matched to the previous call's row with the longest common token prefix (any order, fewer or
+    more rows); a prompt that is entirely cached still feeds its last token; clearing the cache is honoured."""
+    cfg = dict(max_new_tokens=6, min_new_tokens=6)
+    plain = C.ChatLLMQuestioner(str(tiny["phi3"]), C.LLMConfig(prefix_cache=False, **cfg))
+    reuse = C.ChatLLMQuestioner(str(tiny["phi3"]), C.LLMConfig(**cfg))
+
+    def cached_by(prompts):
+        before = reuse.stats.cached_prompt_tokens
+        assert reuse.generate(prompts, 6) == plain.generate(prompts, 6)
+        return reuse.stats.cached_prompt_tokens - before
+
+    first = ["<|user|>\nWhat colour is the top?", "<|user|>\nDescribe the skirt in detail please"]
+    assert cached_by(first) == 0
+    assert cached_by([first[1]]) == len(reuse.tokenizer(first[1])["input_ids"]) - 1  # old row 1 → new row 0
+    assert cached_by([first[1] + " And the sleeves?", "<|user|>\nsleeves?", first[1] + " Fabric?"]) > 0
+    reuse.clear_prefix_cache()
+    assert cached_by(first) == 0
+
+
 def test_blip_padding_mask_probe_and_length_bucket_fallback_agree(tiny, items):
     """The masked single call per round (the default) and the length-bucket fallback give the same answers."""
     masked = C.VQAAnswerer(str(tiny["blip"]), C.VQAConfig(max_new_tokens=5, min_new_tokens=1))
