@@ -72,7 +72,7 @@ from capret_utils.x2vlm.processing import ImageSettings
 DEMO_PRESET: dict[str, Any] = dict(
     vision_width=128, vision_layers=4, vision_heads=4, vision_mlp=512, patch_size=16, image_res=64,
     text_width=128, text_heads=4, text_ffn=512, text_layers=2, fusion_layers=2, vocab_size=512,
-    max_position_embeddings=64, embed_dim=128, vision_drop_path_rate=0.0, vision_stem="cnn",
+    max_position_embeddings=64, embed_dim=128, vision_drop_path_rate=0.0, vision_stem="conv",
     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
 )
 """The ``demo`` model: small enough to learn the synthetic benchmark from random weights on 2 CPU cores in minutes
@@ -133,7 +133,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup: float = 0.1  # fraction of the optimizer steps
     schedule: str = "cosine"  # "cosine" | "linear" decay after warm-up
-    epochs: int = 60  # passes over the train identities (one pass = identities // P batches; demo: 10 steps)
+    epochs: int = 72  # passes over the train identities (one pass = identities // P batches; demo: 10 steps)
     max_steps: int = 0  # optimizer steps; > 0 overrides epochs
     grad_accum: int = 1
     clip_grad: float = 1.0  # max gradient norm; 0 = off
