@@ -143,8 +143,9 @@ class TrainConfig:
     bf16: bool = True  # bf16 autocast on CUDA (CPU always runs float32)
     num_workers: int = 0  # DataLoader workers (0 = in the main process, deterministic and fine on CPU)
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
-    # torch.use_deterministic_algorithms while training on CPU: bitwise-identical runs at any thread count (without
-    # it, two 2-thread runs of the demo drifted apart in the 6th digit of the loss within 5 steps); CUDA: untouched
+    # torch.use_deterministic_algorithms while training on CPU: repeated runs at one thread count are bitwise
+    # identical (without it, two 2-thread runs of the demo drifted apart in the 6th digit of the loss within 5
+    # steps; another thread count changes the sums); CUDA: untouched
     deterministic: bool = True
     eval_every: int = 0  # optimizer steps between validation evaluations; 0 = only at the end
     eval_image_level: bool = False  # also evaluate image-level retrieval
