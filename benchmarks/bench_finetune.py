@@ -91,7 +91,7 @@ def run_once(cfg, a: argparse.Namespace, root: Path, out: Path, label: str) -> d
     result = train.finetune(setup, out, val_items=None if a.no_eval else val_items)
     wall = time.perf_counter() - started
     steps = result.steps
-    images_per_step = cfg.batch_size + (int(-(-cfg.batch_size * cfg.box_fraction // 1))
+    images_per_step = cfg.batch_size + (train.leading_rows(cfg.batch_size, cfg.box_fraction)
                                         if cfg.use_boxes and cfg.w_box else 0)
     record = {
         "label": label,

@@ -198,7 +198,7 @@ class TrainConfig:
     def data_config(self, image_res: int) -> D.DataConfig:
         return D.DataConfig(image_res=image_res, view="crop" if self.use_boxes else "image", context=self.context,
                             use_captions=self.use_captions, box_task=bool(self.use_boxes and self.w_box),
-                            box_per_batch=box_count(self.batch_size, self.box_fraction),
+                            box_per_batch=leading_rows(self.batch_size, self.box_fraction),
                             crop_scale=tuple(self.crop_scale), identities_per_batch=self.batch_size // self.per_identity,
                             per_identity=self.per_identity)
 
@@ -472,17 +472,18 @@ def total_steps_for(config: TrainConfig, batches_per_epoch: int) -> int:
 # ------------------------------------------------------------------------------------------ one step
 
 
-def box_count(batch_size: int, box_fraction: float) -> int:
-    """How many samples of a batch also train the box head (the first ones)."""
-    return max(1, int(math.ceil(batch_size * box_fraction)))
+def leading_rows(batch_size: int, fraction: float) -> int:
+    """How many samples of a batch (the first ones, at least 1) a partial task uses: the box task
+    (``box_fraction``) and the fused ITM pairs (``itm_fraction``)."""
+    return max(1, int(math.ceil(batch_size * fraction)))
 
 
 def compute_losses(net: X2VLMModel, arcface: L.ArcFace, batch: Mapping[str, Any], weights: L.LossWeights,
                    generator: torch.Generator, box_fraction: float = 0.25, device: torch.device | None = None,
                    bf16: bool = True, itm_fraction: float = 1.0) -> dict[str, torch.Tensor]:
     """Every active loss term of one batch (unweighted). ``net`` is the plain X2-VLM (LoRA layers, if any,
-    are injected in its modules). The box loss uses the first ``box_count(B, box_fraction)`` samples; ITM fuses
-    the pairs of the first ``box_count(B, itm_fraction)`` texts and images (negatives drawn from all B)."""
+    are injected in its modules). The box loss uses the first ``leading_rows(B, box_fraction)`` samples; ITM
+    fuses the pairs of the first ``leading_rows(B, itm_fraction)`` texts and images (negatives drawn from all B)."""
     device = device or next(net.parameters()).device
     pv = batch["pixel_values"].to(device)
     labels = batch["labels"].to(device)
@@ -502,7 +503,7 @@ def compute_losses(net: X2VLMModel, arcface: L.ArcFace, batch: Mapping[str, Any]
         with torch.no_grad():
             sim = image_feat.float() @ text_feat.float().t() / net.temp
         negs = L.sample_hard_negatives(sim, pos, generator)
-        n_itm = box_count(pv.shape[0], itm_fraction)
+        n_itm = leading_rows(pv.shape[0], itm_fraction)
         images, texts, masks, itm_labels = L.itm_pairs(image_embeds, text_embeds, mask, *negs, rows=n_itm)
         with E.autocast(device, bf16):
             fused = net.get_fusion_embeds(texts, masks, images)
@@ -515,7 +516,7 @@ def compute_losses(net: X2VLMModel, arcface: L.ArcFace, batch: Mapping[str, Any]
     if weights.box:
         if "box_pixel_values" not in batch:
             raise ValueError("the box loss is on but the batch has no box targets (DataConfig.box_task)")
-        nb = box_count(pv.shape[0], box_fraction)
+        nb = leading_rows(pv.shape[0], box_fraction)
         if batch["box_pixel_values"].shape[0] < nb:
             raise ValueError(f"the batch holds {batch['box_pixel_values'].shape[0]} box samples, the box loss needs "
                              f"{nb} (box_fraction {box_fraction} of {pv.shape[0]})")
@@ -539,7 +540,8 @@ _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _running_stats(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """BatchNorm statistics (``vision_stem="conv"`` / ``"cnn"``): buffers that training changes, saved with the weights."""
+    """BatchNorm statistics (``vision_stem="conv"`` / ``"cnn"``): buffers that training changes, saved with the
+    weights."""
     return {n: b.detach().cpu().contiguous() for n, b in model.named_buffers() if n.endswith(_RUNNING_STATS)}
 
 

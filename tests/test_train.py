@@ -128,7 +128,7 @@ def test_itm_fraction_fuses_only_the_first_rows_pairs(splits, monkeypatch):
         terms = train.compute_losses(net, arc, batch, cfg.weights(), torch.Generator().manual_seed(0),
                                      itm_fraction=fraction)
         assert torch.isfinite(terms["itm"])
-    n = train.box_count(b, 0.5)
+    n = train.leading_rows(b, 0.5)
     assert sizes[0] > 2 * n and b < sizes[0] <= 3 * b  # every row: its positive and up to two negatives
     assert n <= sizes[1] <= 3 * n
     with pytest.raises(ValueError, match="itm_fraction"):
