@@ -56,6 +56,9 @@ class DataConfig:
     box_per_batch: int = 0
     augment: bool = True  # random resized crop + horizontal flip of the view (training only)
     crop_scale: tuple[float, float] = (0.6, 1.0)  # area fraction of the random resized crop
+    # aspect-ratio jitter (3:4 to 4:3) relative to the view's own aspect ratio (True), or the crop's absolute
+    # aspect ratio as in the official whole-photo recipe (False; it cuts every elongated item crop to a band)
+    crop_ratio_relative: bool = True
     hflip_prob: float = 0.5
     cache: bool = True  # keep decoded, shrunk views in memory (bounded by cache_side)
     cache_side: int = 0  # longest side a view is shrunk to before the processor; 0 = 2 x image_res
@@ -240,6 +243,7 @@ class ImageStore:
 
 def build_processor(config: DataConfig) -> X2VLMImageProcessor:
     return X2VLMImageProcessor(ImageSettings(image_res=config.image_res, crop_scale=tuple(config.crop_scale),
+                                             crop_ratio_relative=config.crop_ratio_relative,
                                              hflip_prob=config.hflip_prob))
 
 

@@ -114,10 +114,13 @@ class SynthConfig:
     two_style_prob: float = 0.3
     image_size: tuple[int, int] = (256, 320)
     near_duplicate_prob: float = 0.5
-    close_prob: float = 0.3
-    small_prob: float = 0.2
-    occlusion_probs: tuple[float, float, float] = (0.6, 0.32, 0.08)
-    side_view_prob: float = 0.25
+    # nuisance rates (tuned 2026-11-25; were 0.3 / 0.2 / (0.6, 0.32, 0.08) / 0.25): with the old rates a small CNN
+    # trained to convergence stopped at val hit@1 0.874; with these it reaches 0.908 in 30 epochs while a random
+    # ViT stays at 0.078 (benchmarks/bench_synth_baselines.py). Outfit layers still cover 39 % of the queries.
+    close_prob: float = 0.15
+    small_prob: float = 0.1
+    occlusion_probs: tuple[float, float, float] = (0.9, 0.08, 0.02)
+    side_view_prob: float = 0.15
     jpeg_quality: int = 90
 
     @classmethod

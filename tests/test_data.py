@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -208,4 +207,13 @@ def test_data_config_validation():
     with pytest.raises(ValueError, match="crop_scale"):
         D.DataConfig(crop_scale=(0.0, 1.0)).validate()
     assert D.DataConfig(image_res=64).store_side == 128
-    pd.testing.assert_frame_equal(pd.DataFrame(), pd.DataFrame())
+
+
+def test_crop_ratio_setting_reaches_the_processor():
+    # training views jitter the aspect ratio relative to their own shape (elongated items stay whole) unless asked
+    assert D.build_processor(D.DataConfig()).settings.crop_ratio_relative is True
+    assert D.build_processor(D.DataConfig(crop_ratio_relative=False)).settings.crop_ratio_relative is False
+    from capret_utils import train
+    cfg = train.TrainConfig(crop_ratio_relative=False)
+    assert cfg.data_config(64).crop_ratio_relative is False
+    assert cfg.trajectory_digest() != train.TrainConfig().trajectory_digest()  # a resume cannot mix the two

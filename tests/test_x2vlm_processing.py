@@ -171,6 +171,30 @@ def test_random_resized_crop_box_bounds():
     assert 0.45 <= min(areas) and max(areas) <= 1.0
 
 
+
+def test_random_resized_crop_box_relative_ratio_keeps_elongated_inputs_whole():
+    # a trousers-like 40 x 100 crop: an absolute 3:4..4:3 crop cannot hold more than 40 x 53, so at full area
+    # the recipe falls back to a centre band (hand-computed); relative to the input's 0.4 ratio it keeps it whole
+    rng = np.random.default_rng(0)
+    assert random_resized_crop_box(40, 100, rng, (1.0, 1.0)) == (0, 23, 40, 53)
+    assert random_resized_crop_box(40, 100, rng, (1.0, 1.0), relative=True) == (0, 0, 40, 100)
+    heights = []
+    for _ in range(200):
+        left, top, w, h = random_resized_crop_box(40, 100, rng, (0.6, 1.0), relative=True)
+        assert 0 <= left and left + w <= 40 and 0 <= top and top + h <= 100
+        assert 0.4 * 0.75 - 0.05 <= w / h <= 0.4 * 4 / 3 + 0.05
+        heights.append(h)
+    assert max(heights) == 100  # the whole length is reachable; absolute ratios never exceed 53
+    # the processor passes the setting through (same rng draws -> a different crop for a tall input)
+    tall = np.zeros((100, 40, 3), np.uint8)
+    tall[:20] = 255  # a white waistband the centre band cuts off
+    rel = X2VLMImageProcessor(ImageSettings(image_res=16, train=True, crop_scale=(1.0, 1.0), hflip_prob=0.0,
+                                            crop_ratio_relative=True))
+    absolute = X2VLMImageProcessor(ImageSettings(image_res=16, train=True, crop_scale=(1.0, 1.0), hflip_prob=0.0))
+    top_rel = rel(tall, rng=np.random.default_rng(1))["pixel_values"][0, :, 0].mean()
+    top_abs = absolute(tall, rng=np.random.default_rng(1))["pixel_values"][0, :, 0].mean()
+    assert top_rel > 1.0 > top_abs  # the first output row is white only when the crop keeps the waistband
+
 def test_processor_settings_round_trip_and_errors(tmp_path):
     proc = X2VLMImageProcessor.for_config(X2VLMConfig.preset("tiny"), crop_scale=(0.6, 1.0))
     proc.save_pretrained(tmp_path)

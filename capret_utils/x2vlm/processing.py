@@ -49,6 +49,10 @@ class ImageSettings:
     train: bool = False  # random resized crop + horizontal flip
     crop_scale: tuple[float, float] = (0.5, 1.0)  # area fraction of the random crop (retrieval fine-tuning)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect-ratio range of the random crop
+    # False: crop_ratio is the crop's own width / height (the official recipe, made for whole photos); True: it
+    # multiplies the input's aspect ratio, so an elongated item crop (trousers ~1:2) keeps its whole length
+    # instead of being cut to a 3:4 band, as evaluation (a square resize of the whole input) sees it
+    crop_ratio_relative: bool = False
     hflip_prob: float = 0.5
 
 
@@ -75,9 +79,13 @@ def load_image(image: ImageInput) -> Image.Image:
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
                             scale: tuple[float, float] = (0.5, 1.0),
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                            relative: bool = False) -> tuple[int, int, int, int]:
     """``(left, top, crop_w, crop_h)`` of a random resized crop (the Inception-style recipe: 10 tries at a
-    random area fraction and log-uniform aspect ratio, else a centre crop with the ratio clamped)."""
+    random area fraction and log-uniform aspect ratio, else a centre crop with the ratio clamped).
+    ``relative``: the ratio range is taken relative to the input's own aspect ratio (``width / height``)."""
+    if relative:
+        ratio = (ratio[0] * width / height, ratio[1] * width / height)
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -129,7 +137,8 @@ class X2VLMImageProcessor:
         if train:
             if rng is None:
                 raise ValueError("training augmentation needs an explicit rng=np.random.default_rng(seed)")
-            left, top, cw, ch = random_resized_crop_box(img.width, img.height, rng, s.crop_scale, s.crop_ratio)
+            left, top, cw, ch = random_resized_crop_box(img.width, img.height, rng, s.crop_scale, s.crop_ratio,
+                                                             s.crop_ratio_relative)
             img = img.crop((left, top, left + cw, top + ch))
             flip = bool(rng.random() < s.hflip_prob)
         img = img.resize((s.image_res, s.image_res), Image.Resampling.BICUBIC)
