@@ -1,9 +1,10 @@
 """X2-VLM preprocessing: the image processor (no torchvision), caption cleaning and the tokenizer wrapper.
 
 Images (x2vlm.md §5): evaluation = square bicubic resize to ``image_res`` (aspect ratio not kept, no crop),
-[0, 1] scaling, CLIP mean/std. Training adds a random resized crop (scale (0.5, 1.0), ratio (3/4, 4/3),
-bicubic) and a horizontal flip, drawn from an explicit ``numpy.random.Generator`` for determinism; boxes can
-be carried through the same crop and flip. (The official training pipeline also applies RandAugment; it is
+[0, 1] scaling, CLIP mean/std. Training adds a random resized crop (scale (0.5, 1.0), ratio (3/4, 4/3) — the
+crop's own aspect, or relative to the input's with ``crop_ratio_relative`` — bicubic) and a horizontal flip,
+drawn from an explicit ``numpy.random.Generator`` for determinism; boxes can be carried through the same crop
+and flip. (The official training pipeline also applies RandAugment; it is
 not reproduced here.)
 
 Text: :func:`pre_caption` is the official caption cleaning; :class:`X2VLMTokenizer` wraps a Hugging Face BERT
