@@ -171,7 +171,6 @@ def test_random_resized_crop_box_bounds():
     assert 0.45 <= min(areas) and max(areas) <= 1.0
 
 
-
 def test_random_resized_crop_box_relative_ratio_keeps_elongated_inputs_whole():
     # a trousers-like 40 x 100 crop: an absolute 3:4..4:3 crop cannot hold more than 40 x 53, so at full area
     # the recipe falls back to a centre band (hand-computed); relative to the input's 0.4 ratio it keeps it whole
@@ -194,6 +193,7 @@ def test_random_resized_crop_box_relative_ratio_keeps_elongated_inputs_whole():
     top_rel = rel(tall, rng=np.random.default_rng(1))["pixel_values"][0, :, 0].mean()
     top_abs = absolute(tall, rng=np.random.default_rng(1))["pixel_values"][0, :, 0].mean()
     assert top_rel > 1.0 > top_abs  # the first output row is white only when the crop keeps the waistband
+
 
 def test_processor_settings_round_trip_and_errors(tmp_path):
     proc = X2VLMImageProcessor.for_config(X2VLMConfig.preset("tiny"), crop_scale=(0.6, 1.0))

@@ -4,8 +4,7 @@ Images (x2vlm.md §5): evaluation = square bicubic resize to ``image_res`` (aspe
 [0, 1] scaling, CLIP mean/std. Training adds a random resized crop (scale (0.5, 1.0), ratio (3/4, 4/3) — the
 crop's own aspect, or relative to the input's with ``crop_ratio_relative`` — bicubic) and a horizontal flip,
 drawn from an explicit ``numpy.random.Generator`` for determinism; boxes can be carried through the same crop
-and flip. (The official training pipeline also applies RandAugment; it is
-not reproduced here.)
+and flip. (The official training pipeline also applies RandAugment; it is not reproduced here.)
 
 Text: :func:`pre_caption` is the official caption cleaning; :class:`X2VLMTokenizer` wraps a Hugging Face BERT
 WordPiece tokenizer (``bert-base-uncased`` for real checkpoints) with that cleaning and ``max_tokens`` (40).
@@ -139,7 +138,7 @@ class X2VLMImageProcessor:
             if rng is None:
                 raise ValueError("training augmentation needs an explicit rng=np.random.default_rng(seed)")
             left, top, cw, ch = random_resized_crop_box(img.width, img.height, rng, s.crop_scale, s.crop_ratio,
-                                                             s.crop_ratio_relative)
+                                                         s.crop_ratio_relative)
             img = img.crop((left, top, left + cw, top + ch))
             flip = bool(rng.random() < s.hflip_prob)
         img = img.resize((s.image_res, s.image_res), Image.Resampling.BICUBIC)
