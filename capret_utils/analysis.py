@@ -122,8 +122,9 @@ def zero_shot_of(finetuned: embed.ModelBundle, device: str = "auto") -> embed.Mo
 
 
 def fresh_bundle(model: str, seed: int, texts: Sequence[str], device: str = "auto",
-                 context: float = 0.1) -> embed.ModelBundle:
-    """A zero-shot bundle for ``model`` (preset or checkpoint file/folder) when no fine-tuned checkpoint is given."""
+                 context: float | None = None) -> embed.ModelBundle:
+    """A zero-shot bundle for ``model`` (preset or checkpoint file/folder) when no fine-tuned checkpoint is given;
+    ``context`` None = the fine-tuning default (``TrainConfig.context``)."""
     from capret_utils import train
     from capret_utils.x2vlm import X2VLMImageProcessor
     from capret_utils.x2vlm.processing import ImageSettings
@@ -134,7 +135,7 @@ def fresh_bundle(model: str, seed: int, texts: Sequence[str], device: str = "aut
     res = int(net.config.image_res)
     return embed.ModelBundle(model=net, tokenizer=tokenizer,
                              processor=X2VLMImageProcessor(ImageSettings(image_res=res)),
-                             info={"context": context, "cache_side": 2 * res, "source": source})
+                             info={"context": tcfg.context if context is None else context, "cache_side": 2 * res, "source": source})
 
 
 def load_models(checkpoint: str, model: str, seed: int, texts: Sequence[str], device: str = "auto",
