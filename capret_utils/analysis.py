@@ -135,7 +135,8 @@ def fresh_bundle(model: str, seed: int, texts: Sequence[str], device: str = "aut
     res = int(net.config.image_res)
     return embed.ModelBundle(model=net, tokenizer=tokenizer,
                              processor=X2VLMImageProcessor(ImageSettings(image_res=res)),
-                             info={"context": tcfg.context if context is None else context, "cache_side": 2 * res, "source": source})
+                             info={"context": tcfg.context if context is None else context, "cache_side": 2 * res,
+                                   "source": source})
 
 
 def load_models(checkpoint: str, model: str, seed: int, texts: Sequence[str], device: str = "auto",
