@@ -4,7 +4,7 @@ What one training sample is (:class:`ItemDataset`), for an items-table row:
 
 * the **view** the retrieval embedding sees: the item crop (GT box grown by ``context`` × its width/height on
   each side, clamped to the image) or the whole photo (``view="image"``), through
-  :class:`~capret_utils.x2vlm.X2VLMImageProcessor` (random resized crop + flip when training, square bicubic
+  :class:`~capret_utils.x2vlm.X2VLMImageProcessor` (random resized crop + flip + optional random erasing when training, square bicubic
   resize + CLIP normalisation always);
 * the **text** paired with it for ITC / ITM / the box head: the category name (``use_captions="none"``), the
   study's template caption (``"template"``) or the caption-store caption (``"dialogue"``);
@@ -54,12 +54,13 @@ class DataConfig:
     # 0: every sample carries its whole-photo box view; n > 0: only the first n samples of a batch need one (the
     # training loop's box_fraction), so samples carry none and Collator(box_source=dataset) adds n per batch
     box_per_batch: int = 0
-    augment: bool = True  # random resized crop + horizontal flip of the view (training only)
+    augment: bool = True  # random resized crop + horizontal flip (+ erasing) of the view (training only)
     crop_scale: tuple[float, float] = (0.6, 1.0)  # area fraction of the random resized crop
     # aspect-ratio jitter (3:4 to 4:3) relative to the view's own aspect ratio (True), or the crop's absolute
     # aspect ratio as in the official whole-photo recipe (False; it cuts every elongated item crop to a band)
     crop_ratio_relative: bool = True
     hflip_prob: float = 0.5
+    erase_prob: float = 0.0  # random erasing: share of training views with one rectangle painted a random colour
     cache: bool = True  # keep decoded, shrunk views in memory (bounded by cache_side)
     cache_side: int = 0  # longest side a view is shrunk to before the processor; 0 = 2 x image_res
     identities_per_batch: int = 32  # P of the P×K sampler
@@ -80,6 +81,8 @@ class DataConfig:
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"DataConfig.crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        if not 0 <= self.erase_prob <= 1:
+            raise ValueError(f"DataConfig.erase_prob must be in [0, 1], got {self.erase_prob}")
 
     @property
     def batch_size(self) -> int:
@@ -244,7 +247,7 @@ class ImageStore:
 def build_processor(config: DataConfig) -> X2VLMImageProcessor:
     return X2VLMImageProcessor(ImageSettings(image_res=config.image_res, crop_scale=tuple(config.crop_scale),
                                              crop_ratio_relative=config.crop_ratio_relative,
-                                             hflip_prob=config.hflip_prob))
+                                             hflip_prob=config.hflip_prob, erase_prob=config.erase_prob))
 
 
 # ------------------------------------------------------------------------------------------ dataset

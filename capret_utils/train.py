@@ -130,6 +130,10 @@ class TrainConfig:
     # aspect jitter relative to the crop's own shape (True) or absolute 3:4..4:3 as in the official whole-photo
     # recipe (False: cuts elongated items, e.g. trousers, to a band)
     crop_ratio_relative: bool = True
+    # random erasing: share of training views with one rectangle (2-25 % of the area) painted a random flat colour,
+    # like the occluders of shopper photos. 0.5 vs 0 on the demo, 720 steps: val hit@1 0.839 / 0.839 vs 0.795 /
+    # 0.803 (seeds 0 / 1, 2026-11-25)
+    erase_prob: float = 0.5
     # losses
     margin: float = 0.15  # ArcFace angular margin, radians
     scale: float = 30.0  # ArcFace logit scale
@@ -145,7 +149,9 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup: float = 0.1  # fraction of the optimizer steps
     schedule: str = "cosine"  # "cosine" | "linear" decay after warm-up
-    epochs: int = 144  # passes over the train identities (one pass = identities // P batches; demo: 5 steps)
+    # passes over the train identities (one pass = identities // P batches; demo: 5 steps, so 960 steps). With random
+    # erasing the demo keeps learning past 720 steps (val hit@1 0.857 vs 0.839 at 960 / 720 steps, 2026-11-25)
+    epochs: int = 192
     max_steps: int = 0  # optimizer steps; > 0 overrides epochs
     grad_accum: int = 1
     clip_grad: float = 1.0  # max gradient norm; 0 = off
@@ -186,6 +192,8 @@ class TrainConfig:
             raise ValueError(f"box_fraction must be in (0, 1], got {self.box_fraction}")
         if not 0 <= self.itm_fraction <= 1:
             raise ValueError(f"itm_fraction must be in [0, 1] (0 = auto), got {self.itm_fraction}")
+        if not 0 <= self.erase_prob <= 1:
+            raise ValueError(f"erase_prob must be in [0, 1], got {self.erase_prob}")
         if self.lr <= 0 or self.lr_arcface <= 0:
             raise ValueError("learning rates must be > 0")
         self.weights().validate()
@@ -212,7 +220,7 @@ class TrainConfig:
                             use_captions=self.use_captions, box_task=bool(self.use_boxes and self.w_box),
                             box_per_batch=leading_rows(self.batch_size, self.box_fraction),
                             crop_scale=tuple(self.crop_scale), crop_ratio_relative=self.crop_ratio_relative,
-                            identities_per_batch=self.batch_size // self.per_identity,
+                            erase_prob=self.erase_prob, identities_per_batch=self.batch_size // self.per_identity,
                             per_identity=self.per_identity)
 
     def trajectory_digest(self, model_config: Any = None) -> str:

@@ -206,6 +206,8 @@ def test_data_config_validation():
         D.DataConfig(use_captions="llm").validate()
     with pytest.raises(ValueError, match="crop_scale"):
         D.DataConfig(crop_scale=(0.0, 1.0)).validate()
+    with pytest.raises(ValueError, match="erase_prob"):
+        D.DataConfig(erase_prob=1.5).validate()
     assert D.DataConfig(image_res=64).store_side == 128
 
 
@@ -217,3 +219,13 @@ def test_crop_ratio_setting_reaches_the_processor():
     cfg = train.TrainConfig(crop_ratio_relative=False)
     assert cfg.data_config(64).crop_ratio_relative is False
     assert cfg.trajectory_digest() != train.TrainConfig().trajectory_digest()  # a resume cannot mix the two
+
+
+def test_erase_setting_reaches_the_processor():
+    from capret_utils import train
+    assert D.build_processor(D.DataConfig()).settings.erase_prob == 0.0
+    cfg = train.TrainConfig(erase_prob=0.25)
+    assert D.build_processor(cfg.data_config(64)).settings.erase_prob == 0.25
+    assert cfg.trajectory_digest() != train.TrainConfig(erase_prob=0.0).trajectory_digest()
+    with pytest.raises(ValueError, match="erase_prob"):
+        train.TrainConfig(erase_prob=-0.1).validate()

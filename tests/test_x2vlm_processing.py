@@ -21,7 +21,7 @@ from capret_utils.x2vlm import (
     fashion_caption_corpus,
     pre_caption,
 )
-from capret_utils.x2vlm.processing import random_resized_crop_box
+from capret_utils.x2vlm.processing import random_erase_box, random_resized_crop_box
 
 
 # ---------------------------------------------------------------------------------------------- captions
@@ -195,8 +195,49 @@ def test_random_resized_crop_box_relative_ratio_keeps_elongated_inputs_whole():
     assert top_rel > 1.0 > top_abs  # the first output row is white only when the crop keeps the waistband
 
 
+def test_random_erase_box_bounds_and_hand_cases():
+    rng = np.random.default_rng(0)
+    areas = []
+    for _ in range(300):
+        top, left, h, w = random_erase_box(64, 64, rng)
+        assert 0 <= top and top + h < 64 and 0 <= left and left + w < 64  # strictly inside, as drawn
+        areas.append(h * w / 64**2)
+    assert 0.015 <= min(areas) and max(areas) <= 0.27
+    # hand cases: a full-area square never fits strictly inside -> None after 10 tries; a quarter-area square is
+    # 2 x 2 in a 4 x 4 image
+    assert random_erase_box(4, 4, np.random.default_rng(0), area=(1.0, 1.0), ratio=(1.0, 1.0)) is None
+    top, left, h, w = random_erase_box(4, 4, np.random.default_rng(0), area=(0.25, 0.25), ratio=(1.0, 1.0))
+    assert (h, w) == (2, 2) and 0 <= top <= 1 and 0 <= left <= 1
+
+
+def test_random_erasing_paints_one_flat_rectangle_and_only_when_training():
+    rng_img = np.random.default_rng(5)
+    arr = rng_img.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    base = ImageSettings(image_res=32, train=True, crop_scale=(1.0, 1.0), hflip_prob=0.0)
+    plain = X2VLMImageProcessor(base)
+    erased = X2VLMImageProcessor(ImageSettings(**{**base.__dict__, "erase_prob": 1.0}))
+    a, _ = plain.process_one(arr, rng=np.random.default_rng(1))
+    b, _ = erased.process_one(arr, rng=np.random.default_rng(1))
+    diff = np.abs(a - b).sum(0) > 0
+    rows, cols = np.where(diff)
+    assert diff.any()
+    box = diff[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    assert box.all()  # one axis-aligned rectangle ...
+    patch = b[:, rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    assert np.allclose(patch, patch[:, :1, :1])  # ... of a single colour
+    assert 0.015 <= box.size / 32**2 <= 0.27
+    # the same draws as the erasing-free recipe before it: erase_prob 0 consumes no extra randomness
+    r0, r1 = np.random.default_rng(7), np.random.default_rng(7)
+    plain.process_one(arr, rng=r0)
+    X2VLMImageProcessor(ImageSettings(**{**base.__dict__, "erase_prob": 0.0})).process_one(arr, rng=r1)
+    assert r0.random() == r1.random()
+    # evaluation preprocessing never erases
+    e, _ = erased.process_one(arr, train=False)
+    assert np.array_equal(e, plain.process_one(arr, train=False)[0])
+
+
 def test_processor_settings_round_trip_and_errors(tmp_path):
-    proc = X2VLMImageProcessor.for_config(X2VLMConfig.preset("tiny"), crop_scale=(0.6, 1.0))
+    proc = X2VLMImageProcessor.for_config(X2VLMConfig.preset("tiny"), crop_scale=(0.6, 1.0), erase_prob=0.5)
     proc.save_pretrained(tmp_path)
     again = X2VLMImageProcessor.from_pretrained(tmp_path)
     assert again.settings == proc.settings and again.settings.image_res == 32

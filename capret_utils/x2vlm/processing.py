@@ -4,7 +4,9 @@ Images (x2vlm.md §5): evaluation = square bicubic resize to ``image_res`` (aspe
 [0, 1] scaling, CLIP mean/std. Training adds a random resized crop (scale (0.5, 1.0), ratio (3/4, 4/3) — the
 crop's own aspect, or relative to the input's with ``crop_ratio_relative`` — bicubic) and a horizontal flip,
 drawn from an explicit ``numpy.random.Generator`` for determinism; boxes can be carried through the same crop
-and flip. (The official training pipeline also applies RandAugment; it is not reproduced here.)
+and flip. Optional random erasing (``erase_prob``; Zhong et al. 2020, *Random Erasing Data Augmentation*) paints
+one rectangle of a random flat colour over the training view, like the occluders of shopper photos. (The official
+training pipeline also applies RandAugment; it is not reproduced here.)
 
 Text: :func:`pre_caption` is the official caption cleaning; :class:`X2VLMTokenizer` wraps a Hugging Face BERT
 WordPiece tokenizer (``bert-base-uncased`` for real checkpoints) with that cleaning and ``max_tokens`` (40).
@@ -54,6 +56,11 @@ class ImageSettings:
     # instead of being cut to a 3:4 band, as evaluation (a square resize of the whole input) sees it
     crop_ratio_relative: bool = False
     hflip_prob: float = 0.5
+    # random erasing of the training view: probability, area fraction range and log-uniform aspect range of the
+    # rectangle; it is filled with one random colour (standard normal per channel, in normalised units)
+    erase_prob: float = 0.0
+    erase_area: tuple[float, float] = (0.02, 0.25)
+    erase_ratio: tuple[float, float] = (0.3, 3.3)
 
 
 ImageInput = Image.Image | str | os.PathLike | np.ndarray
@@ -107,6 +114,22 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def random_erase_box(height: int, width: int, rng: np.random.Generator,
+                     area: tuple[float, float] = (0.02, 0.25),
+                     ratio: tuple[float, float] = (0.3, 3.3)) -> tuple[int, int, int, int] | None:
+    """``(top, left, h, w)`` of a random-erasing rectangle (10 tries at a random area fraction and log-uniform
+    height / width ratio that fits strictly inside the image), or None when no try fits."""
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = height * width * rng.uniform(area[0], area[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        h = int(round(math.sqrt(target * aspect)))
+        w = int(round(math.sqrt(target / aspect)))
+        if 0 < h < height and 0 < w < width:
+            return int(rng.integers(0, height - h)), int(rng.integers(0, width - w)), h, w
+    return None
+
+
 class X2VLMImageProcessor:
     """PIL images / paths / arrays -> ``{"pixel_values": float32 (B, 3, res, res)}`` (+ ``"boxes"``)."""
 
@@ -152,7 +175,13 @@ class X2VLMImageProcessor:
             if flip:
                 x1, x2 = 1.0 - x2, 1.0 - x1
             out_box = np.asarray([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dtype=np.float32)
-        return self.to_array(img), out_box
+        arr = self.to_array(img)
+        if train and s.erase_prob > 0 and rng.random() < s.erase_prob:
+            rect = random_erase_box(s.image_res, s.image_res, rng, s.erase_area, s.erase_ratio)
+            if rect is not None:
+                top_, left_, h, w = rect
+                arr[:, top_:top_ + h, left_:left_ + w] = rng.normal(0.0, 1.0, (3, 1, 1)).astype(np.float32)
+        return arr, out_box
 
     def __call__(self, images: ImageInput | Sequence[ImageInput], train: bool | None = None,
                  rng: np.random.Generator | None = None, boxes: Sequence[Sequence[float]] | None = None,
