@@ -4,8 +4,8 @@ What one training sample is (:class:`ItemDataset`), for an items-table row:
 
 * the **view** the retrieval embedding sees: the item crop (GT box grown by ``context`` × its width/height on
   each side, clamped to the image) or the whole photo (``view="image"``), through
-  :class:`~capret_utils.x2vlm.X2VLMImageProcessor` (random resized crop + flip + optional random erasing when training, square bicubic
-  resize + CLIP normalisation always);
+  :class:`~capret_utils.x2vlm.X2VLMImageProcessor` (random resized crop + flip + optional random erasing when
+  training, square bicubic resize + CLIP normalisation always);
 * the **text** paired with it for ITC / ITM / the box head: the category name (``use_captions="none"``), the
   study's template caption (``"template"``) or the caption-store caption (``"dialogue"``);
 * the **identity label**: ``(pair_id, style > 0)`` mapped to a contiguous class id over the *training* split
