@@ -31,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TARGETS = {"finetuned_top1": 0.90, "finetuned_mAP": 0.80, "wall_s": 600.0, "zero_shot_top1_max": 0.10}
-ABLATIONS = ("w_itc", "w_itm", "w_box", "w_arcface")
+ABLATIONS = ("w_itc", "w_itm", "w_box", "w_arcface", "w_category")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

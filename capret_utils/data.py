@@ -11,6 +11,8 @@ What one training sample is (:class:`ItemDataset`), for an items-table row:
 * the **identity label**: ``(pair_id, style > 0)`` mapped to a contiguous class id over the *training* split
   (:func:`identity_classes`); ``-1`` for items without an identity (``style == 0``) or an identity unseen in
   training;
+* the **category label**: ``category_id - 1`` (0–12, every item; :func:`category_labels`), for the category
+  ArcFace term;
 * optionally the **box target** for the box head: the whole photo (eval preprocessing) and the item box as
   (cx, cy, w, h) relative to it.
 
@@ -35,7 +37,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from capret_utils.df2 import identity_key
+from capret_utils.df2 import CATEGORY_NAMES, identity_key
 from capret_utils.x2vlm.processing import ImageSettings, X2VLMImageProcessor, X2VLMTokenizer
 
 CAPTION_MODES = ("none", "template", "dialogue")
@@ -108,6 +110,21 @@ def identity_labels(items: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
     out = [code.get(identity_key(p, s), -1) if int(s) > 0 else -1
            for p, s in zip(items["pair_id"].to_numpy(), items["style"].to_numpy())]
     return np.asarray(out, dtype=np.int64)
+
+
+def category_labels(items: pd.DataFrame) -> np.ndarray:
+    """``category_id - 1`` per row (0 … 12, the DeepFashion2 categories); a missing column or an id outside 1–13
+    raises a ``ValueError`` naming the first offending item."""
+    if "category_id" not in items.columns:
+        raise ValueError("the items table has no 'category_id' column (needed for the category labels)")
+    cats = pd.to_numeric(items["category_id"], errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isin(cats, list(CATEGORY_NAMES))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        key = items["key"].iloc[i] if "key" in items.columns else i
+        raise ValueError(f"{int(bad.sum())} item(s) have a category_id outside 1-{len(CATEGORY_NAMES)}; first: "
+                         f"item {key!r} with category_id {items['category_id'].iloc[i]}")
+    return cats.astype(np.int64) - 1
 
 
 def item_texts(items: pd.DataFrame, use_captions: str, captions: Mapping[str, str] | None = None) -> list[str]:
@@ -267,6 +284,7 @@ class ItemDataset(torch.utils.data.Dataset):
         self.rows = self.items.to_dict("records")
         self.texts = list(texts)
         self.labels = np.asarray(labels, dtype=np.int64)
+        self.categories = category_labels(self.items)
         self.text_group = (np.asarray(text_group, dtype=np.int64) if text_group is not None
                            else text_ids(self.texts))
         self.config = config
@@ -285,6 +303,7 @@ class ItemDataset(torch.utils.data.Dataset):
         pixels, _ = self.processor.process_one(self.store.view(row, cfg.view, cfg.context), train=train, rng=rng)
         label = int(self.labels[row_idx])
         sample = {"pixel_values": torch.from_numpy(pixels), "text": self.texts[row_idx], "label": label,
+                  "category": int(self.categories[row_idx]),
                   # ITC/ITM positives: same identity; an item without one only matches itself
                   "itc_id": label if label >= 0 else -1 - int(row_idx),
                   "text_id": int(self.text_group[row_idx]), "row": int(row_idx), "key": str(row["key"])}
@@ -318,6 +337,7 @@ class Collator:
             "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
             "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
             "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+            "categories": torch.tensor([s["category"] for s in samples], dtype=torch.long),
             "itc_ids": torch.tensor([s["itc_id"] for s in samples], dtype=torch.long),
             "text_ids": torch.tensor([s["text_id"] for s in samples], dtype=torch.long),
             "rows": torch.tensor([s["row"] for s in samples], dtype=torch.long),

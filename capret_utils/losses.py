@@ -13,7 +13,9 @@ Definitions follow the official X2-VLM code (docs/x2vlm.md §2); each function t
 * :class:`ArcFace` — pytorch-metric-learning's ``ArcFaceLoss`` over identity classes. **Our margin is in
   radians** (the original study's 0.15); PML expects degrees, so it is converted here (0.15 rad = 8.59°; passing
   0.15 straight to PML would mean 0.0026 rad). Rows with label < 0 (items without an identity, DeepFashion2
-  ``style == 0``) are left out.
+  ``style == 0``) are left out. A second :class:`ArcFace` over the 13 garment categories (every item, style 0
+  included) is the ``category`` term: it makes the retrieval embedding encode the garment type, which colour and
+  pattern alone do not tell apart.
 
 :class:`LossWeights` holds one weight per term; :func:`total_loss` combines a dict of terms and reports which term
 is not finite.
@@ -40,6 +42,7 @@ class LossWeights:
     box: float = 1.0  # box head: L1 + (1 - GIoU) on the whole image, text = the item's caption/category
     arcface: float = 1.0  # ArcFace on the retrieval embedding (image_feat) over train identities
     arcface_fused: float = 0.0  # ArcFace on the cross-attention fused embedding (needs itm > 0)
+    category: float = 0.0  # ArcFace on the retrieval embedding (image_feat) over the garment categories
 
     def active(self) -> dict[str, float]:
         return {k: v for k, v in asdict(self).items() if v}
@@ -194,7 +197,7 @@ def box_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 class ArcFace(nn.Module):
-    """ArcFace over identity classes via ``pytorch_metric_learning.losses.ArcFaceLoss``.
+    """ArcFace over classes (identities, or garment categories) via ``pytorch_metric_learning.losses.ArcFaceLoss``.
 
     ``margin`` is the additive angular margin in **radians** (converted to the degrees PML expects);
     ``scale`` multiplies the logits. The class weights live in ``self.loss.W`` (embedding_size × num_classes) and
@@ -251,8 +254,8 @@ class NonFiniteLossError(FloatingPointError):
 
 def total_loss(terms: dict[str, torch.Tensor], weights: LossWeights, step: int = -1) -> torch.Tensor:
     """Σ weight × term over the computed terms (keys ``itc``, ``itm``, ``box_l1``, ``box_giou``, ``arcface``,
-    ``arcface_fused``; both box parts use ``weights.box``). Raises :class:`NonFiniteLossError` naming every
-    non-finite term."""
+    ``arcface_fused``, ``category``; both box parts use ``weights.box``). Raises :class:`NonFiniteLossError`
+    naming every non-finite term."""
     bad = {k: float(v.detach()) for k, v in terms.items() if not bool(torch.isfinite(v.detach()).all())}
     if bad:
         raise NonFiniteLossError(step, bad)

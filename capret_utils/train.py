@@ -11,17 +11,20 @@ What the notebook calls (``notebooks/03_finetune.ipynb``)::
 Training (``finetune``): LoRA via peft (``finetune_mode="lora"``; the default for ``base`` / ``large`` / official
 checkpoints) or full fine-tuning (``"full"``; the default of the randomly initialised ``demo`` / ``tiny`` presets,
 which have no pre-trained features for adapters to steer); losses from :mod:`capret_utils.losses` with one
-weight each; AdamW with parameter groups (backbone, heads at ``lr * head_lr_mult``, ArcFace class weights at
-``lr_arcface``; no weight decay on biases, norms and the temperature); linear warm-up then cosine or linear
-decay; bf16 autocast on CUDA; gradient accumulation; gradient clipping; a NaN/inf guard that stops naming the
-step and the loss terms; the ITC temperature clamped to [0.001, 0.5] after every step; tqdm progress.
+weight each (ITC, ITM, box, ArcFace over the identities and a second ArcFace over the 13 garment categories on
+the same retrieval embedding, ``w_category``); AdamW with parameter groups (backbone, heads at
+``lr * head_lr_mult``, ArcFace class weights at ``lr_arcface``; no weight decay on biases, norms and the
+temperature); linear warm-up then cosine or linear decay; bf16 autocast on CUDA; gradient accumulation; gradient
+clipping; a NaN/inf guard that stops naming the step and the loss terms; the ITC temperature clamped to
+[0.001, 0.5] after every step; tqdm progress.
 
 Checkpoints (``<run_dir>/train_state/step-NNNNNN/``, written to a temporary folder and renamed, then
 ``latest.json`` is replaced atomically): the trainable weights (LoRA adapters + heads, or every weight), the
-ArcFace class weights, optimizer, scheduler, RNG states (python, numpy, torch, CUDA, the ITM sampling
-generator), the P×K sampler position and the history so far. ``resume=True`` continues from the latest one; on
-CPU with a fixed seed a killed and resumed run ends with the same weights and metrics as an uninterrupted one
-(``tests/test_train.py`` kills a real subprocess). History: ``history.csv`` / ``history.json`` in the run folder.
+ArcFace class weights (identities and categories), optimizer, scheduler, RNG states (python, numpy, torch, CUDA,
+the ITM sampling generator), the P×K sampler position and the history so far. ``resume=True`` continues from the
+latest one; on CPU with a fixed seed a killed and resumed run ends with the same weights and metrics as an
+uninterrupted one (``tests/test_train.py`` kills a real subprocess). History: ``history.csv`` /
+``history.json`` in the run folder.
 
 The final model goes to ``<run_dir>/checkpoint/``: the merged X2-VLM (``save_pretrained``, safetensors), the
 tokenizer, the image-processor settings, the ArcFace class weights and ``finetune_info.json`` (config,
@@ -51,6 +54,7 @@ import torch.nn.functional as F
 from capret_utils import data as D
 from capret_utils import embed as E
 from capret_utils import losses as L
+from capret_utils.df2 import CATEGORY_NAMES
 from capret_utils.runs import atomic_path, write_json
 from capret_utils.x2vlm import (
     BERT_SPECIAL_IDS,
@@ -109,10 +113,11 @@ class TrainConfig:
     # data
     use_captions: str = "dialogue"  # text per item: "none" (category name) | "template" | "dialogue"
     use_boxes: bool = True  # item crops (+ box loss) vs whole photos (no box loss)
-    # crop margin per side, fraction of the box width / height. 0 (the bare GT box) fine-tunes the demo to a better
-    # val hit@1 (0.832 / 0.845 vs 0.795 / 0.803 with seeds 0 / 1, 2026-11-25) but lifts its random-weight
-    # zero-shot hit@1 from 0.057 to 0.124 (colour alone matches more bare boxes)
-    context: float = 0.1
+    # crop margin per side, fraction of the box width / height. Less context fine-tunes the demo better but lets the
+    # random-weight model match more boxes by colour alone (zero-shot hit@1 0.057 / 0.071 / 0.124 at 0.1 / 0.05 / 0;
+    # fine-tuned, with erasing and the category term, 960 steps, seeds 0 / 1: 0.868 / 0.862 at 0.1, 0.883 / 0.887
+    # at 0.05, 2026-11-25). 0.05 keeps the zero-shot under the benchmark's 0.10 ceiling
+    context: float = 0.05
     batch_size: int = 64  # items per step = identities per batch x per_identity
     # K of the P x K sampler. 1 (every item of a batch a different identity) trains the demo's retrieval embedding
     # better than 2 (val hit@1 0.776 / 0.765 vs 0.738 / 0.734 with seeds 0 / 1, 720 steps, 2026-11-25); K >= 2 puts
@@ -142,6 +147,10 @@ class TrainConfig:
     w_box: float = 1.0
     w_arcface: float = 1.0
     w_arcface_fused: float = 0.0  # ArcFace on text_proj(fusion [CLS]) of the ITM positives (cross-fusion embed)
+    # ArcFace over the 13 garment categories on the retrieval embedding (same margin / scale). On the demo, 960
+    # steps, seeds 0 / 1 / 2: val hit@1 0.868 / 0.862 / 0.872 vs 0.847 / 0.845 / 0.826 without (2026-11-25);
+    # 3 is too strong (0.769, seed 0)
+    w_category: float = 1.0
     # optimisation
     lr: float = 2e-3
     lr_arcface: float = 1e-2  # ArcFace class weights
@@ -200,7 +209,8 @@ class TrainConfig:
 
     def weights(self) -> L.LossWeights:
         return L.LossWeights(itc=self.w_itc, itm=self.w_itm, box=self.w_box if self.use_boxes else 0.0,
-                             arcface=self.w_arcface, arcface_fused=self.w_arcface_fused if self.w_itm else 0.0)
+                             arcface=self.w_arcface, arcface_fused=self.w_arcface_fused if self.w_itm else 0.0,
+                             category=self.w_category)
 
     @property
     def itm_share(self) -> float:
@@ -274,8 +284,6 @@ def _set_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> None
 def tokenizer_corpus(texts: Sequence[str]) -> list[str]:
     """What the offline WordPiece vocabulary of ``tiny`` / ``demo`` is trained on: the fashion caption corpus,
     the DeepFashion2 category names and the training texts."""
-    from capret_utils.df2 import CATEGORY_NAMES
-
     return fashion_caption_corpus() + list(CATEGORY_NAMES.values()) + [str(t) for t in texts]
 
 
@@ -449,9 +457,11 @@ def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
     return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower() or name.endswith("temp")
 
 
-def build_optimizer(model: torch.nn.Module, arcface: L.ArcFace, config: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, arcface: L.ArcFace, config: TrainConfig,
+                    category: L.ArcFace | None = None) -> torch.optim.AdamW:
     """AdamW (betas 0.9 / 0.98, eps 1e-8 as the official optim.py) with groups: backbone decay / no decay,
-    heads (``head_lr_mult``) decay / no decay, ArcFace class weights (``lr_arcface``, no decay)."""
+    heads (``head_lr_mult``) decay / no decay, ArcFace class weights of the identities and, when given, of the
+    categories (``lr_arcface``, no decay)."""
     groups: dict[str, dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -462,9 +472,10 @@ def build_optimizer(model: torch.nn.Module, arcface: L.ArcFace, config: TrainCon
                                     "weight_decay": 0.0 if key.endswith("_nd") else config.weight_decay,
                                     "name": key})
         g["params"].append(param)
-    if config.w_arcface or config.w_arcface_fused:
-        groups["arcface"] = {"params": list(arcface.parameters()), "lr": config.lr_arcface, "weight_decay": 0.0,
-                             "name": "arcface"}
+    heads = ([arcface] if config.w_arcface or config.w_arcface_fused else []) + ([category] if category else [])
+    if heads:
+        groups["arcface"] = {"params": [p for h in heads for p in h.parameters()], "lr": config.lr_arcface,
+                             "weight_decay": 0.0, "name": "arcface"}
     ordered = [groups[k] for k in ("body", "body_nd", "head", "head_nd", "arcface") if k in groups]
     return torch.optim.AdamW(ordered, betas=(0.9, 0.98), eps=1e-8)
 
@@ -501,10 +512,12 @@ def leading_rows(batch_size: int, fraction: float) -> int:
 
 def compute_losses(net: X2VLMModel, arcface: L.ArcFace, batch: Mapping[str, Any], weights: L.LossWeights,
                    generator: torch.Generator, box_fraction: float = 0.25, device: torch.device | None = None,
-                   bf16: bool = True, itm_fraction: float = 1.0) -> dict[str, torch.Tensor]:
+                   bf16: bool = True, itm_fraction: float = 1.0, category: L.ArcFace | None = None
+                   ) -> dict[str, torch.Tensor]:
     """Every active loss term of one batch (unweighted). ``net`` is the plain X2-VLM (LoRA layers, if any,
     are injected in its modules). The box loss uses the first ``leading_rows(B, box_fraction)`` samples; ITM
-    fuses the pairs of the first ``leading_rows(B, itm_fraction)`` texts and images (negatives drawn from all B)."""
+    fuses the pairs of the first ``leading_rows(B, itm_fraction)`` texts and images (negatives drawn from all B).
+    The category term (``weights.category``) needs ``category``, the category ArcFace, and ``batch["categories"]``."""
     device = device or next(net.parameters()).device
     pv = batch["pixel_values"].to(device)
     labels = batch["labels"].to(device)
@@ -517,6 +530,10 @@ def compute_losses(net: X2VLMModel, arcface: L.ArcFace, batch: Mapping[str, Any]
         text_feat = net.get_text_feat(text_embeds) if (weights.itc or weights.itm) else None
     if weights.arcface:
         terms["arcface"] = arcface(image_feat, labels)
+    if weights.category:
+        if category is None or "categories" not in batch:
+            raise ValueError("the category loss is on but no category ArcFace or batch['categories'] was given")
+        terms["category"] = category(image_feat, batch["categories"].to(device))
     pos = L.positive_mask(batch["itc_ids"].to(device), batch["text_ids"].to(device))
     if weights.itc:
         terms["itc"] = L.itc_loss(image_feat.float(), text_feat.float(), net.temp, pos)
@@ -568,7 +585,8 @@ def _running_stats(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_train_state(run_dir: Path, step: int, model: torch.nn.Module, arcface: L.ArcFace,
                      optimizer: torch.optim.Optimizer, scheduler: Any, sampler: D.PKBatchSampler,
-                     generator: torch.Generator, state: dict[str, Any], keep: int = 2) -> Path:
+                     generator: torch.Generator, state: dict[str, Any], keep: int = 2,
+                     category: L.ArcFace | None = None) -> Path:
     """Write ``train_state/step-NNNNNN`` atomically (temp folder + rename), then point ``latest.json`` at it."""
     from safetensors.torch import save_file
 
@@ -582,7 +600,7 @@ def save_train_state(run_dir: Path, step: int, model: torch.nn.Module, arcface: 
     save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
     if stats := _running_stats(model):
         save_file(stats, str(tmp / "buffers.safetensors"))
-    save_file({"W": arcface.W.detach().cpu().contiguous()}, str(tmp / ARCFACE_FILE))
+    save_file(_class_weights(arcface, category), str(tmp / ARCFACE_FILE))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(generator)}, tmp / "optim_rng.pt")
     write_json(tmp / "state.json", {**state, "step": step, "sampler": sampler.state_dict()})
@@ -612,7 +630,8 @@ def latest_train_state(run_dir: str | os.PathLike) -> Path | None:
 
 
 def load_train_state(path: Path, model: torch.nn.Module, arcface: L.ArcFace, optimizer: torch.optim.Optimizer,
-                     scheduler: Any, sampler: D.PKBatchSampler, generator: torch.Generator) -> dict[str, Any]:
+                     scheduler: Any, sampler: D.PKBatchSampler, generator: torch.Generator,
+                     category: L.ArcFace | None = None) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     weights = load_file(str(path / "trainable.safetensors"))
@@ -625,7 +644,12 @@ def load_train_state(path: Path, model: torch.nn.Module, arcface: L.ArcFace, opt
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
-        arcface.W.copy_(load_file(str(path / ARCFACE_FILE))["W"])
+        heads = load_file(str(path / ARCFACE_FILE))
+        arcface.W.copy_(heads["W"])
+        if category is not None:
+            if "category_W" not in heads:
+                raise ValueError(f"{path / ARCFACE_FILE} holds no category ArcFace weights (category_W)")
+            category.W.copy_(heads["category_W"])
         expected = _running_stats(model)
         saved = load_file(str(path / "buffers.safetensors")) if (path / "buffers.safetensors").is_file() else {}
         if set(saved) != set(expected):
@@ -646,10 +670,19 @@ def load_train_state(path: Path, model: torch.nn.Module, arcface: L.ArcFace, opt
 # ------------------------------------------------------------------------------------------ the final model
 
 
+def _class_weights(arcface: L.ArcFace, category: L.ArcFace | None) -> dict[str, torch.Tensor]:
+    """The ArcFace class weights to save: ``W`` (identities) and, when trained, ``category_W``."""
+    out = {"W": arcface.W.detach().cpu().contiguous()}
+    if category is not None:
+        out["category_W"] = category.W.detach().cpu().contiguous()
+    return out
+
+
 def save_finetuned(bundle: E.ModelBundle, path: str | os.PathLike, arcface: L.ArcFace | None = None,
-                   info: Mapping[str, Any] | None = None) -> Path:
-    """Write the plain (merged) model, tokenizer, processor settings, ArcFace weights and ``finetune_info.json``
-    into ``path`` (replaced atomically: written next to it, then renamed)."""
+                   info: Mapping[str, Any] | None = None, category: L.ArcFace | None = None) -> Path:
+    """Write the plain (merged) model, tokenizer, processor settings, ArcFace weights (identities ``W``, categories
+    ``category_W`` when trained) and ``finetune_info.json`` into ``path`` (replaced atomically: written next to it,
+    then renamed)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -661,7 +694,7 @@ def save_finetuned(bundle: E.ModelBundle, path: str | os.PathLike, arcface: L.Ar
     bundle.tokenizer.save_pretrained(tmp / "tokenizer")
     bundle.processor.save_pretrained(tmp / "processor")
     if arcface is not None:
-        save_file({"W": arcface.W.detach().cpu().contiguous()}, str(tmp / ARCFACE_FILE))
+        save_file(_class_weights(arcface, category), str(tmp / ARCFACE_FILE))
     write_json(tmp / INFO_FILE, {**bundle.info, **dict(info or {})})
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists():
@@ -787,10 +820,12 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
     net.train()
     counts = trainable_parameters(train_module)
     arcface = L.ArcFace(len(setup.classes), int(net.config.embed_dim), config.margin, config.scale).to(device)
+    category = (L.ArcFace(len(CATEGORY_NAMES), int(net.config.embed_dim), config.margin, config.scale).to(device)
+                if weights.category else None)
     sampler = D.PKBatchSampler(setup.labels, setup.data_config.identities_per_batch, config.per_identity,
                                seed=config.seed)
     total = total_steps_for(config, len(sampler))
-    optimizer = build_optimizer(train_module, arcface, config)
+    optimizer = build_optimizer(train_module, arcface, config, category)
     scheduler = build_scheduler(optimizer, total, config)
     generator = torch.Generator().manual_seed(config.seed + 1)
     collate = D.Collator(bundle.tokenizer, box_source=setup.dataset)
@@ -803,7 +838,7 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
         if saved_digest != digest:
             raise ValueError(f"{latest} was written with another training configuration or model architecture "
                              f"(digest {saved_digest} vs {digest}); use a new run_dir or resume=False")
-        state = load_train_state(latest, train_module, arcface, optimizer, scheduler, sampler, generator)
+        state = load_train_state(latest, train_module, arcface, optimizer, scheduler, sampler, generator, category)
         step, train_seconds, history = int(state["step"]), float(state["train_seconds"]), list(state["history"])
         resumed_from = step
     elif not config.resume and (run_dir / STATE_DIR).exists():
@@ -857,7 +892,7 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
                     batches, loader_epoch = None, loader_epoch + 1
             sampler.advance()
             terms = compute_losses(net, arcface, batch, weights, generator, config.box_fraction, device, config.bf16,
-                                   config.itm_share)
+                                   config.itm_share, category)
             loss = L.total_loss(terms, weights, step + 1) / config.grad_accum
             loss.backward()
             loss_sum += float(loss.detach())
@@ -885,7 +920,7 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
             last_eval = run_eval(step)
         if step % config.ckpt_every == 0 or step == total:
             save_train_state(run_dir, step, train_module, arcface, optimizer, scheduler, sampler, generator,
-                             state_blob(), config.keep_checkpoints)
+                             state_blob(), config.keep_checkpoints, category)
             write_history(run_dir, history)
     bar.close()
     if stop_after is not None and step < total:
@@ -897,7 +932,7 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
     if final_eval is None:
         last_eval = run_eval(total)
         save_train_state(run_dir, total, train_module, arcface, optimizer, scheduler, sampler, generator,
-                         state_blob(), config.keep_checkpoints)
+                         state_blob(), config.keep_checkpoints, category)
     else:
         last_eval = {k: v for k, v in final_eval.items() if k not in ("kind", "step")}
     write_history(run_dir, history)
@@ -911,7 +946,7 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
             "trainable_parameters": counts, "metrics": last_eval, "arcface_margin_rad": config.margin,
             "arcface_margin_deg": math.degrees(config.margin), "resumed_from": resumed_from}
     final_bundle.info.update({k: v for k, v in info.items() if k in ("config", "finetune_mode", "identity_classes")})
-    ckpt = save_finetuned(final_bundle, run_dir / CHECKPOINT_DIR, arcface, info)
+    ckpt = save_finetuned(final_bundle, run_dir / CHECKPOINT_DIR, arcface, info, category)
     return FinetuneResult(final_bundle, pd.json_normalize(history), last_eval or {}, ckpt, step, train_seconds,
                           resumed_from, info)
 

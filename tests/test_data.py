@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -181,6 +182,18 @@ def test_collator(train_items):
     assert batch["box_pixel_values"].shape == (4, 3, 32, 32) and batch["box_targets"].shape == (4, 4)
     assert batch["keys"] == [train_items["key"].iloc[i] for i in (2, 3, 4, 9)]
     assert batch["labels"].dtype == torch.long
+    assert batch["categories"].tolist() == [int(train_items["category_id"].iloc[i]) - 1 for i in (2, 3, 4, 9)]
+
+
+def test_category_labels_hand_cases_and_errors():
+    items = pd.DataFrame({"key": ["a", "b", "c"], "category_id": [1, 13, 7]})
+    assert D.category_labels(items).tolist() == [0, 12, 6]
+    with pytest.raises(ValueError, match=r"1 item\(s\) have a category_id outside 1-13; first: item 'b'"):
+        D.category_labels(items.assign(category_id=[1, 14, 7]))
+    with pytest.raises(ValueError, match="item 'c' with category_id nan"):
+        D.category_labels(items.assign(category_id=[1, 2, None]))
+    with pytest.raises(ValueError, match="no 'category_id' column"):
+        D.category_labels(items.drop(columns="category_id"))
 
 
 def test_collator_builds_box_views_for_the_first_box_per_batch_samples_only(train_items):

@@ -259,6 +259,10 @@ def test_total_loss_weights_and_nan_guard():
     terms = {"itc": torch.tensor(1.0), "box_l1": torch.tensor(2.0), "box_giou": torch.tensor(4.0),
              "arcface": torch.tensor(3.0)}
     assert L.total_loss(terms, w).item() == pytest.approx(2 + 1 + 2 + 3)
+    cat = L.LossWeights(itc=0.0, itm=0.0, box=0.0, arcface=0.0, category=0.25)
+    assert L.total_loss({"category": torch.tensor(8.0)}, cat).item() == pytest.approx(2.0)
+    assert L.LossWeights().category == 0 and cat.active() == {"category": 0.25}
+    cat.validate()  # the category term alone is something to train
     terms["itc"] = torch.tensor(float("nan"))
     terms["arcface"] = torch.tensor(float("inf"))
     with pytest.raises(L.NonFiniteLossError, match=r"step 17: non-finite loss term\(s\) itc=nan, arcface=inf"):

@@ -48,7 +48,7 @@ def test_config_validation_and_mode():
     with pytest.raises(ValueError, match="use_captions"):
         _cfg(use_captions="gpt").validate()
     with pytest.raises(ValueError, match="nothing to train"):
-        _cfg(w_itc=0, w_itm=0, w_box=0, w_arcface=0).validate()
+        _cfg(w_itc=0, w_itm=0, w_box=0, w_arcface=0, w_category=0).validate()
     # use_boxes=False switches the box loss off whatever its weight
     assert _cfg(use_boxes=False).weights().box == 0 and _cfg(use_boxes=False).data_config(32).view == "image"
     assert _cfg().trajectory_digest() == _cfg(eval_every=7, num_workers=2).trajectory_digest()
@@ -75,18 +75,23 @@ def test_optimizer_groups(splits):
     cfg = _cfg(lr=1e-3, head_lr_mult=2.0, lr_arcface=0.05, weight_decay=0.1)
     setup = train.prepare(cfg, splits[0])
     arc = L.ArcFace(len(setup.classes), setup.bundle.model.config.embed_dim)
-    opt = train.build_optimizer(setup.bundle.model, arc, cfg)
+    cat = L.ArcFace(13, setup.bundle.model.config.embed_dim)
+    opt = train.build_optimizer(setup.bundle.model, arc, cfg, cat)
     groups = {g["name"]: g for g in opt.param_groups}
     assert set(groups) == {"body", "body_nd", "head", "head_nd", "arcface"}
     assert groups["head"]["lr"] == pytest.approx(2e-3) and groups["body"]["lr"] == pytest.approx(1e-3)
     assert groups["arcface"]["lr"] == 0.05 and groups["arcface"]["params"][0] is arc.W
+    assert groups["arcface"]["params"][1] is cat.W and groups["arcface"]["weight_decay"] == 0
     assert groups["body_nd"]["weight_decay"] == 0 and groups["body"]["weight_decay"] == 0.1
     names = {id(p): n for n, p in setup.bundle.model.named_parameters()}
     assert names[id(groups["head"]["params"][0])].split(".")[0] in train.HEAD_NAMES
     assert all(p.ndim >= 2 for p in groups["body"]["params"])
     assert any(names[id(p)] == "temp" for p in groups["body_nd"]["params"])
     n_model = sum(1 for p in setup.bundle.model.parameters() if p.requires_grad)
-    assert sum(len(g["params"]) for g in opt.param_groups) == n_model + 1
+    assert sum(len(g["params"]) for g in opt.param_groups) == n_model + 2
+    # the category weights alone still get the class-weight group (identity ArcFace switched off)
+    only_cat = train.build_optimizer(setup.bundle.model, arc, replace(cfg, w_arcface=0), cat)
+    assert [p for g in only_cat.param_groups if g["name"] == "arcface" for p in g["params"]] == [cat.W]
 
 
 def _batch(setup, n=8):
@@ -100,14 +105,24 @@ def test_compute_losses_every_term_and_gradients(splits):
     setup = train.prepare(cfg, splits[0])
     net = setup.bundle.model.train()
     arc = L.ArcFace(len(setup.classes), net.config.embed_dim, cfg.margin, cfg.scale)
+    cat = L.ArcFace(13, net.config.embed_dim, cfg.margin, cfg.scale)
     batch = _batch(setup)
-    terms = train.compute_losses(net, arc, batch, cfg.weights(), torch.Generator().manual_seed(0), 0.25)
-    assert set(terms) == {"itc", "itm", "box_l1", "box_giou", "arcface", "arcface_fused"}
+    terms = train.compute_losses(net, arc, batch, cfg.weights(), torch.Generator().manual_seed(0), 0.25,
+                                 category=cat)
+    assert set(terms) == {"itc", "itm", "box_l1", "box_giou", "arcface", "arcface_fused", "category"}
     assert all(torch.isfinite(v) and v >= 0 for v in terms.values())
+    # the category term is the category ArcFace on the retrieval embedding with the items' category_id - 1
+    rows = batch["rows"].numpy()
+    assert batch["categories"].tolist() == (setup.train_items["category_id"].to_numpy()[rows] - 1).tolist()
+    with torch.no_grad():
+        _, feat = net.get_image_embeds(batch["pixel_values"])
+        assert torch.allclose(terms["category"], cat(feat, batch["categories"]), atol=1e-5)
     L.total_loss(terms, cfg.weights()).backward()
     for module in (net.vision_encoder, net.text_encoder, net.fusion, net.itm_head, net.bbox_head):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
-    assert arc.W.grad.abs().sum() > 0 and net.temp.grad is not None
+    assert arc.W.grad.abs().sum() > 0 and cat.W.grad.abs().sum() > 0 and net.temp.grad is not None
+    with pytest.raises(ValueError, match="category"):
+        train.compute_losses(net, arc, batch, cfg.weights(), torch.Generator().manual_seed(0))
     # switching terms off removes them (and their work)
     off = train.compute_losses(net, arc, batch, L.LossWeights(itc=1, itm=0, box=0, arcface=0),
                                torch.Generator().manual_seed(0))
@@ -115,7 +130,7 @@ def test_compute_losses_every_term_and_gradients(splits):
 
 
 def test_itm_fraction_fuses_only_the_first_rows_pairs(splits, monkeypatch):
-    cfg = _cfg(w_box=0)
+    cfg = _cfg(w_box=0, w_category=0)
     setup = train.prepare(cfg, splits[0])
     net = setup.bundle.model.train()
     arc = L.ArcFace(len(setup.classes), net.config.embed_dim, cfg.margin, cfg.scale)
@@ -141,7 +156,8 @@ def test_nan_guard_names_step_and_terms(splits, tmp_path):
     setup = train.prepare(_cfg(max_steps=2), splits[0])
     with torch.no_grad():
         setup.bundle.model.vision_proj.weight.fill_(float("nan"))
-    with pytest.raises(L.NonFiniteLossError, match=r"step 1: non-finite loss term\(s\) arcface=nan, itc=nan"):
+    with pytest.raises(L.NonFiniteLossError,
+                       match=r"step 1: non-finite loss term\(s\) arcface=nan, category=nan, itc=nan"):
         train.finetune(setup, tmp_path / "run")
 
 
@@ -170,6 +186,10 @@ def test_full_finetune_learns_saves_and_reloads(splits, tmp_path):
     assert info["finetune_mode"] == "full" and info["identity_classes"] == setup.classes
     assert info["arcface_margin_deg"] == pytest.approx(math.degrees(0.15))
     assert train.load_arcface(result.checkpoint).shape == (bundle.model.config.embed_dim, len(setup.classes))
+    from safetensors.torch import load_file
+
+    heads = load_file(str(result.checkpoint / train.ARCFACE_FILE))
+    assert heads["category_W"].shape == (bundle.model.config.embed_dim, 13) and "loss_category" in hist.columns
     # a finished run re-entered with resume=True does not train again
     setup2 = train.prepare(cfg, train_items)
     again_result = train.finetune(setup2, tmp_path / "run", val_items=val_items)
