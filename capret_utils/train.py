@@ -148,8 +148,8 @@ class TrainConfig:
     w_arcface: float = 1.0
     w_arcface_fused: float = 0.0  # ArcFace on text_proj(fusion [CLS]) of the ITM positives (cross-fusion embed)
     # ArcFace over the 13 garment categories on the retrieval embedding (same margin / scale). On the demo, 960
-    # steps, seeds 0 / 1 / 2: val hit@1 0.868 / 0.862 / 0.872 vs 0.847 / 0.845 / 0.826 without (2026-11-25);
-    # 3 is too strong (0.769, seed 0)
+    # steps, 1 thread (2026-11-25): context 0.05, seeds 0 / 1: val hit@1 0.883 / 0.887 vs 0.822 / 0.824 without;
+    # context 0.1, seeds 0 / 1 / 2: 0.868 / 0.862 / 0.872 vs 0.847 / 0.845 / 0.826. 3 is too strong (0.769)
     w_category: float = 1.0
     # optimisation
     lr: float = 2e-3
@@ -472,7 +472,9 @@ def build_optimizer(model: torch.nn.Module, arcface: L.ArcFace, config: TrainCon
                                     "weight_decay": 0.0 if key.endswith("_nd") else config.weight_decay,
                                     "name": key})
         g["params"].append(param)
-    heads = ([arcface] if config.w_arcface or config.w_arcface_fused else []) + ([category] if category else [])
+    heads = [arcface] if config.w_arcface or config.w_arcface_fused else []
+    if category is not None:
+        heads.append(category)
     if heads:
         groups["arcface"] = {"params": [p for h in heads for p in h.parameters()], "lr": config.lr_arcface,
                              "weight_decay": 0.0, "name": "arcface"}
