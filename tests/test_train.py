@@ -53,6 +53,19 @@ def test_config_validation_and_mode():
     assert _cfg(use_boxes=False).weights().box == 0 and _cfg(use_boxes=False).data_config(32).view == "image"
     assert _cfg().trajectory_digest() == _cfg(eval_every=7, num_workers=2).trajectory_digest()
     assert _cfg().trajectory_digest() != _cfg(lr=2e-3).trajectory_digest()
+    assert _cfg().trajectory_digest() != _cfg(category_margin=0.1).trajectory_digest()
+    with pytest.raises(ValueError, match="category_margin is in radians"):
+        _cfg(category_margin=8.6).validate()
+
+
+def test_build_arcfaces_margins_and_switch():
+    # the identity ArcFace takes `margin`, the category ArcFace its own `category_margin` (default 0), same scale
+    arc, cat = train.build_arcfaces(_cfg(margin=0.2, category_margin=0.05, scale=16.0), 7, 32)
+    assert (arc.num_classes, arc.margin_rad, arc.scale) == (7, 0.2, 16.0)
+    assert (cat.num_classes, cat.margin_rad, cat.scale) == (13, 0.05, 16.0)
+    assert cat.loss.margin == pytest.approx(0.05) and tuple(cat.W.shape) == (32, 13)
+    assert train.TrainConfig().category_margin == 0.0
+    assert train.build_arcfaces(_cfg(w_category=0), 7, 32)[1] is None
 
 
 def test_scheduler_warmup_then_cosine():
