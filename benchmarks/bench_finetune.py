@@ -91,8 +91,9 @@ def run_once(cfg, a: argparse.Namespace, root: Path, out: Path, label: str) -> d
     result = train.finetune(setup, out, val_items=None if a.no_eval else val_items)
     wall = time.perf_counter() - started
     steps = result.steps
-    images_per_step = cfg.batch_size + (train.leading_rows(cfg.batch_size, cfg.box_fraction)
-                                        if cfg.use_boxes and cfg.w_box else 0)
+    images_per_step = (cfg.batch_size + (train.leading_rows(cfg.batch_size, cfg.box_fraction)
+                                         if cfg.use_boxes and cfg.w_box else 0)
+                       + (min(cfg.category_recolour, cfg.batch_size) if cfg.w_category else 0))  # vision passes
     record = {
         "label": label,
         "wall_s": round(wall, 1),

@@ -12,7 +12,7 @@ What one training sample is (:class:`ItemDataset`), for an items-table row:
   (:func:`identity_classes`); ``-1`` for items without an identity (``style == 0``) or an identity unseen in
   training;
 * the **category label**: ``category_id - 1`` (0–12, every item; :func:`category_labels`), for the category
-  ArcFace term;
+  ArcFace term, which also sees colour-scrambled copies of the views (:func:`recolour`);
 * optionally the **box target** for the box head: the whole photo (eval preprocessing) and the item box as
   (cx, cy, w, h) relative to it.
 
@@ -259,6 +259,32 @@ class ImageStore:
 
     def __len__(self) -> int:
         return len(self._crops) + len(self._images)
+
+
+def recolour(pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Colour-scrambled copies of normalised views ``(n, 3, H, W)``: the garment's shape stays, its colours do not.
+
+    Per view, from ``generator`` (CPU; three draws of ``n`` values each, in this order): a rotation of the colour
+    space by a uniform angle about the grey axis (a hue rotation), a random order of the output channels and, for
+    half of the views, an inversion through the mean colour. All three act on the CLIP-normalised values, whose
+    origin is the mean colour and whose channel scales differ by under 6 %, so each map is orthogonal there and
+    keeps every pixel's distance from the mean colour. The category term trains on these (``TrainConfig
+    .category_recolour``): categories do not depend on colour, so a classifier that has to work on recoloured views
+    cannot learn a training garment's category from its colour and pattern.
+    """
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+        raise ValueError(f"recolour needs (n, 3, H, W) pixel values, got shape {tuple(pixel_values.shape)}")
+    n = pixel_values.shape[0]
+    theta = torch.rand(n, generator=generator, dtype=torch.float64) * (2 * np.pi)
+    order = torch.argsort(torch.rand(n, 3, generator=generator), dim=1)
+    invert = torch.rand(n, generator=generator) < 0.5
+    k = torch.full((3,), 1 / np.sqrt(3), dtype=torch.float64)
+    cross = torch.tensor([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]], dtype=torch.float64)
+    sin, cos = torch.sin(theta)[:, None, None], torch.cos(theta)[:, None, None]
+    rot = torch.eye(3, dtype=torch.float64) + sin * cross + (1 - cos) * (cross @ cross)  # Rodrigues, (n, 3, 3)
+    rot = rot[torch.arange(n)[:, None], order]  # output channel c takes row order[c]
+    rot = torch.where(invert[:, None, None], -rot, rot)
+    return torch.einsum("nij,njhw->nihw", rot.to(pixel_values.device, pixel_values.dtype), pixel_values)
 
 
 def build_processor(config: DataConfig) -> X2VLMImageProcessor:

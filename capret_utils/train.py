@@ -12,7 +12,8 @@ Training (``finetune``): LoRA via peft (``finetune_mode="lora"``; the default fo
 checkpoints) or full fine-tuning (``"full"``; the default of the randomly initialised ``demo`` / ``tiny`` presets,
 which have no pre-trained features for adapters to steer); losses from :mod:`capret_utils.losses` with one
 weight each (ITC, ITM, box, ArcFace over the identities and a second ArcFace over the 13 garment categories on
-the same retrieval embedding, ``w_category``); AdamW with parameter groups (backbone, heads at
+the same retrieval embedding, ``w_category``, trained on colour-scrambled copies of the crops,
+``category_recolour``); AdamW with parameter groups (backbone, heads at
 ``lr * head_lr_mult``, ArcFace class weights at ``lr_arcface``; no weight decay on biases, norms and the
 temperature); linear warm-up then cosine or linear decay; bf16 autocast on CUDA; gradient accumulation; gradient
 clipping; a NaN/inf guard that stops naming the step and the loss terms; the ITC temperature clamped to
@@ -21,7 +22,7 @@ clipping; a NaN/inf guard that stops naming the step and the loss terms; the ITC
 Checkpoints (``<run_dir>/train_state/step-NNNNNN/``, written to a temporary folder and renamed, then
 ``latest.json`` is replaced atomically): the trainable weights (LoRA adapters + heads, or every weight), the
 ArcFace class weights (identities and categories), optimizer, scheduler, RNG states (python, numpy, torch, CUDA,
-the ITM sampling generator), the P×K sampler position and the history so far. ``resume=True`` continues from the
+the generator of the ITM negatives and the recoloured views), the P×K sampler position and the history so far. ``resume=True`` continues from the
 latest one; on CPU with a fixed seed a killed and resumed run ends with the same weights and metrics as an
 uninterrupted one (``tests/test_train.py`` kills a real subprocess). History: ``history.csv`` /
 ``history.json`` in the run folder.
@@ -155,6 +156,17 @@ class TrainConfig:
     # 960 steps, 1 thread, seed 0 (2026-12-02): 0 / 0.15 / 0.5 gave val hit@1 0.889 / 0.876 / 0.809. With 13 classes
     # and every item labelled, a margin pulls each category into a tight cone that crowds out colour and pattern
     category_margin: float = 0.0
+    # the category term trains on colour-scrambled copies (``data.recolour``: hue rotation, channel order, inversion)
+    # of the first N crops of each batch (all of them when N >= batch_size); 0 = on the crops as they are.
+    # Categories do not depend on colour, so this stops the term from learning a training garment's category from
+    # its colour and pattern (on the plain crops the category head recognised 0.49 of the demo's validation user
+    # crops, with N = 64 and "both" 0.65). Demo, 960 steps, 1 thread, seeds 0 / 1 / 2 (2026-12-03), val hit@1:
+    # "recoloured" N = 64 0.901 / 0.899, "both" N = 64 0.901 / 0.893 / 0.885, N = 32 0.897 / 0.885,
+    # off 0.889 / 0.891 / 0.870. Costs a second vision pass (~+30 % step time at N = 64)
+    category_recolour: int = 64
+    # "recoloured": the category term on the recoloured copies only; "both": the mean of the term on the crops and
+    # on their copies
+    category_views: str = "recoloured"
     # optimisation
     lr: float = 2e-3
     lr_arcface: float = 1e-2  # ArcFace class weights
@@ -207,6 +219,10 @@ class TrainConfig:
             raise ValueError(f"itm_fraction must be in [0, 1] (0 = auto), got {self.itm_fraction}")
         if not 0 <= self.category_margin < math.pi / 2:
             raise ValueError(f"category_margin is in radians and must lie in [0, pi/2), got {self.category_margin}")
+        if self.category_views not in ("recoloured", "both"):
+            raise ValueError(f"category_views must be recoloured | both, got {self.category_views!r}")
+        if self.category_recolour < 0:
+            raise ValueError(f"category_recolour counts crops of a batch (0 = off), got {self.category_recolour}")
         if not 0 <= self.erase_prob <= 1:
             raise ValueError(f"erase_prob must be in [0, 1], got {self.erase_prob}")
         if self.lr <= 0 or self.lr_arcface <= 0:
@@ -529,12 +545,15 @@ def leading_rows(batch_size: int, fraction: float) -> int:
 
 def compute_losses(net: X2VLMModel, arcface: L.ArcFace, batch: Mapping[str, Any], weights: L.LossWeights,
                    generator: torch.Generator, box_fraction: float = 0.25, device: torch.device | None = None,
-                   bf16: bool = True, itm_fraction: float = 1.0, category: L.ArcFace | None = None
-                   ) -> dict[str, torch.Tensor]:
+                   bf16: bool = True, itm_fraction: float = 1.0, category: L.ArcFace | None = None,
+                   category_recolour: int = 0, category_views: str = "recoloured") -> dict[str, torch.Tensor]:
     """Every active loss term of one batch (unweighted). ``net`` is the plain X2-VLM (LoRA layers, if any,
     are injected in its modules). The box loss uses the first ``leading_rows(B, box_fraction)`` samples; ITM
     fuses the pairs of the first ``leading_rows(B, itm_fraction)`` texts and images (negatives drawn from all B).
-    The category term (``weights.category``) needs ``category``, the category ArcFace, and ``batch["categories"]``."""
+    The category term (``weights.category``) needs ``category``, the category ArcFace, and ``batch["categories"]``;
+    with ``category_recolour`` > 0 it is the term on :func:`data.recolour` copies of the first ``category_recolour``
+    views (a second vision pass, drawn from ``generator`` after the ITM negatives), or with ``category_views="both"``
+    the mean of that and the term on the views."""
     device = device or next(net.parameters()).device
     pv = batch["pixel_values"].to(device)
     labels = batch["labels"].to(device)
@@ -581,6 +600,12 @@ def compute_losses(net: X2VLMModel, arcface: L.ArcFace, batch: Mapping[str, Any]
             pred = net.predict_bbox(fused_box)
         l1, giou = L.box_loss(pred, batch["box_targets"][:nb].to(device))
         terms["box_l1"], terms["box_giou"] = l1, giou
+    if weights.category and category_recolour > 0:
+        n = min(category_recolour, pv.shape[0])
+        with E.autocast(device, bf16):
+            _, recoloured_feat = net.get_image_embeds(D.recolour(pv[:n], generator))
+        recoloured = category(recoloured_feat, batch["categories"][:n].to(device))
+        terms["category"] = 0.5 * (terms["category"] + recoloured) if category_views == "both" else recoloured
     return terms
 
 
@@ -909,7 +934,7 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
                     batches, loader_epoch = None, loader_epoch + 1
             sampler.advance()
             terms = compute_losses(net, arcface, batch, weights, generator, config.box_fraction, device, config.bf16,
-                                   config.itm_share, category)
+                                   config.itm_share, category, config.category_recolour, config.category_views)
             loss = L.total_loss(terms, weights, step + 1) / config.grad_accum
             loss.backward()
             loss_sum += float(loss.detach())

@@ -242,3 +242,47 @@ def test_erase_setting_reaches_the_processor():
     assert cfg.trajectory_digest() != train.TrainConfig(erase_prob=0.0).trajectory_digest()
     with pytest.raises(ValueError, match="erase_prob"):
         train.TrainConfig(erase_prob=-0.1).validate()
+
+
+def _recolour_naive(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per view and per pixel: Rodrigues rotation about (1, 1, 1) by theta, then channel order, then inversion."""
+    n = pixels.shape[0]
+    theta = torch.rand(n, generator=generator, dtype=torch.float64) * 2 * np.pi
+    order = torch.argsort(torch.rand(n, 3, generator=generator), dim=1)
+    invert = torch.rand(n, generator=generator) < 0.5
+    k = np.ones(3) / np.sqrt(3)
+    out = torch.empty_like(pixels)
+    for i in range(n):
+        t = float(theta[i])
+        for y in range(pixels.shape[2]):
+            for x in range(pixels.shape[3]):
+                v = pixels[i, :, y, x].double().numpy()
+                rotated = v * np.cos(t) + np.cross(k, v) * np.sin(t) + k * (k @ v) * (1 - np.cos(t))
+                rotated = rotated[order[i].numpy()]
+                out[i, :, y, x] = torch.from_numpy(-rotated if invert[i] else rotated)
+    return out
+
+
+def test_recolour_matches_a_per_pixel_reference_and_keeps_shape():
+    pixels = torch.randn(5, 3, 4, 6, generator=torch.Generator().manual_seed(3))
+    fast = D.recolour(pixels, torch.Generator().manual_seed(11))
+    assert fast.shape == pixels.shape and fast.dtype == pixels.dtype
+    torch.testing.assert_close(fast, _recolour_naive(pixels, torch.Generator().manual_seed(11)), atol=1e-5, rtol=0)
+    # orthogonal per view: every pixel keeps its distance from the mean colour (the normalised origin) ...
+    torch.testing.assert_close(fast.norm(dim=1), pixels.norm(dim=1), atol=1e-5, rtol=0)
+    # ... and the same map for every pixel of a view: where two pixels were equal they stay equal
+    same = pixels.clone()
+    same[:, :, 1, 2] = same[:, :, 0, 0]
+    out = D.recolour(same, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(out[:, :, 1, 2], out[:, :, 0, 0])
+    # a grey pixel (on the rotation axis) stays grey, up to the inversion
+    grey = torch.full((64, 3, 1, 1), 0.7)
+    g = D.recolour(grey, torch.Generator().manual_seed(5))
+    assert torch.allclose(g, g[:, :1].expand_as(g), atol=1e-6) and set(g[:, 0, 0, 0].sign().tolist()) == {-1.0, 1.0}
+    # the colours do change, deterministically per generator state
+    red = torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1).repeat(32, 1, 1, 1)
+    r = D.recolour(red, torch.Generator().manual_seed(6))
+    assert (r[:, :, 0, 0] - red[:, :, 0, 0]).norm(dim=1).gt(0.5).float().mean() > 0.8
+    torch.testing.assert_close(r, D.recolour(red, torch.Generator().manual_seed(6)))
+    with pytest.raises(ValueError, match=r"\(n, 3, H, W\)"):
+        D.recolour(torch.zeros(2, 4, 3, 3), torch.Generator())

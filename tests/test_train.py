@@ -56,6 +56,12 @@ def test_config_validation_and_mode():
     assert _cfg().trajectory_digest() != _cfg(category_margin=0.1).trajectory_digest()
     with pytest.raises(ValueError, match="category_margin is in radians"):
         _cfg(category_margin=8.6).validate()
+    assert _cfg().trajectory_digest() != _cfg(category_recolour=0).trajectory_digest()
+    with pytest.raises(ValueError, match="category_recolour"):
+        _cfg(category_recolour=-1).validate()
+    assert _cfg().trajectory_digest() != _cfg(category_views="both").trajectory_digest()
+    with pytest.raises(ValueError, match="category_views"):
+        _cfg(category_views="plain").validate()
 
 
 def test_build_arcfaces_margins_and_switch():
@@ -140,6 +146,38 @@ def test_compute_losses_every_term_and_gradients(splits):
     off = train.compute_losses(net, arc, batch, L.LossWeights(itc=1, itm=0, box=0, arcface=0),
                                torch.Generator().manual_seed(0))
     assert set(off) == {"itc"}
+
+
+def test_category_term_on_recoloured_copies_of_the_views(splits):
+    cfg = _cfg()
+    setup = train.prepare(cfg, splits[0])
+    net = setup.bundle.model.eval()  # eval: BatchNorm / dropout identical in both passes
+    arc = L.ArcFace(len(setup.classes), net.config.embed_dim, cfg.margin, cfg.scale)
+    cat = L.ArcFace(13, net.config.embed_dim, 0.0, cfg.scale)
+    batch = _batch(setup)
+    weights = L.LossWeights(itc=0, itm=0, box=0, arcface=1, category=1)  # nothing else draws from the generator
+    terms = train.compute_losses(net, arc, batch, weights, torch.Generator().manual_seed(7), category=cat,
+                                 category_recolour=3)
+    both = train.compute_losses(net, arc, batch, weights, torch.Generator().manual_seed(7), category=cat,
+                                category_recolour=3, category_views="both")
+    pv, cats = batch["pixel_values"], batch["categories"]
+    with torch.no_grad():
+        _, feat = net.get_image_embeds(pv)
+        _, recoloured = net.get_image_embeds(D.recolour(pv[:3], torch.Generator().manual_seed(7)))
+    # default "recoloured": the term on the copies of the first 3 views only; "both": the mean with the plain term
+    assert torch.allclose(terms["category"], cat(recoloured, cats[:3]), atol=1e-5)
+    assert torch.allclose(both["category"], 0.5 * (cat(feat, cats) + cat(recoloured, cats[:3])), atol=1e-5)
+    assert not torch.allclose(terms["category"], cat(feat, cats), atol=1e-4)
+    assert torch.allclose(terms["arcface"], both["arcface"])  # the identity term always sees the views as they are
+    # 0 switches the copies off; more than the batch recolours every view
+    plain = train.compute_losses(net, arc, batch, weights, torch.Generator().manual_seed(7), category=cat)
+    assert torch.allclose(plain["category"], cat(feat, cats), atol=1e-5)
+    every = train.compute_losses(net, arc, batch, weights, torch.Generator().manual_seed(7), category=cat,
+                                 category_recolour=10 * pv.shape[0])
+    with torch.no_grad():
+        _, allre = net.get_image_embeds(D.recolour(pv, torch.Generator().manual_seed(7)))
+    assert torch.allclose(every["category"], cat(allre, cats), atol=1e-5)
+    assert (train.TrainConfig().category_recolour, train.TrainConfig().category_views) == (64, "recoloured")
 
 
 def test_itm_fraction_fuses_only_the_first_rows_pairs(splits, monkeypatch):
@@ -260,8 +298,9 @@ def test_resume_restores_batchnorm_statistics_of_the_demo_conv_stem(splits, tmp_
 
     saved = load_file(str(state / "buffers.safetensors"))
     assert saved and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in saved)
-    # two steps, each passing item crops and the box task's whole photos through the stem
-    assert int(saved["vision_encoder.embeddings.patch_embeddings.projection.1.num_batches_tracked"]) == 4
+    # two steps, each passing item crops, the box task's whole photos and the recoloured crops of the category
+    # term through the stem
+    assert int(saved["vision_encoder.embeddings.patch_embeddings.projection.1.num_batches_tracked"]) == 6
     resumed = train.finetune(train.prepare(cfg, train_items), tmp_path / "b")
     a, b = full.bundle.model.state_dict(), resumed.bundle.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # weights and running statistics
