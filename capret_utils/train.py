@@ -22,8 +22,8 @@ clipping; a NaN/inf guard that stops naming the step and the loss terms; the ITC
 Checkpoints (``<run_dir>/train_state/step-NNNNNN/``, written to a temporary folder and renamed, then
 ``latest.json`` is replaced atomically): the trainable weights (LoRA adapters + heads, or every weight), the
 ArcFace class weights (identities and categories), optimizer, scheduler, RNG states (python, numpy, torch, CUDA,
-the generator of the ITM negatives and the recoloured views), the P×K sampler position and the history so far.
-``resume=True`` continues from the latest one; on CPU with a fixed seed a killed and resumed run ends with the same weights and metrics as an
+the generator of the ITM negatives and the recoloured views), the P×K sampler position and the history so far. ``resume=True`` continues from the
+latest one; on CPU with a fixed seed a killed and resumed run ends with the same weights and metrics as an
 uninterrupted one (``tests/test_train.py`` kills a real subprocess). History: ``history.csv`` /
 ``history.json`` in the run folder.
 
@@ -569,8 +569,7 @@ def compute_losses(net: X2VLMModel, arcface: L.ArcFace, batch: Mapping[str, Any]
     if weights.category:
         if category is None or "categories" not in batch:
             raise ValueError("the category loss is on but no category ArcFace or batch['categories'] was given")
-        if category_recolour == 0 or category_views == "both":  # "recoloured" replaces this term below
-            terms["category"] = category(image_feat, batch["categories"].to(device))
+        terms["category"] = category(image_feat, batch["categories"].to(device))
     pos = L.positive_mask(batch["itc_ids"].to(device), batch["text_ids"].to(device))
     if weights.itc:
         terms["itc"] = L.itc_loss(image_feat.float(), text_feat.float(), net.temp, pos)
@@ -606,7 +605,7 @@ def compute_losses(net: X2VLMModel, arcface: L.ArcFace, batch: Mapping[str, Any]
         with E.autocast(device, bf16):
             _, recoloured_feat = net.get_image_embeds(D.recolour(pv[:n], generator))
         recoloured = category(recoloured_feat, batch["categories"][:n].to(device))
-        terms["category"] = 0.5 * (terms["category"] + recoloured) if "category" in terms else recoloured
+        terms["category"] = 0.5 * (terms["category"] + recoloured) if category_views == "both" else recoloured
     return terms
 
 
