@@ -22,8 +22,8 @@ clipping; a NaN/inf guard that stops naming the step and the loss terms; the ITC
 Checkpoints (``<run_dir>/train_state/step-NNNNNN/``, written to a temporary folder and renamed, then
 ``latest.json`` is replaced atomically): the trainable weights (LoRA adapters + heads, or every weight), the
 ArcFace class weights (identities and categories), optimizer, scheduler, RNG states (python, numpy, torch, CUDA,
-the generator of the ITM negatives and the recoloured views), the P×K sampler position and the history so far. ``resume=True`` continues from the
-latest one; on CPU with a fixed seed a killed and resumed run ends with the same weights and metrics as an
+the generator of the ITM negatives and the recoloured views), the P×K sampler position and the history so far.
+``resume=True`` continues from the latest one; on CPU with a fixed seed a killed and resumed run ends with the same weights and metrics as an
 uninterrupted one (``tests/test_train.py`` kills a real subprocess). History: ``history.csv`` /
 ``history.json`` in the run folder.
 
