@@ -569,7 +569,8 @@ def compute_losses(net: X2VLMModel, arcface: L.ArcFace, batch: Mapping[str, Any]
     if weights.category:
         if category is None or "categories" not in batch:
             raise ValueError("the category loss is on but no category ArcFace or batch['categories'] was given")
-        terms["category"] = category(image_feat, batch["categories"].to(device))
+        categories = batch["categories"].to(device)
+        terms["category"] = category(image_feat, categories)
     pos = L.positive_mask(batch["itc_ids"].to(device), batch["text_ids"].to(device))
     if weights.itc:
         terms["itc"] = L.itc_loss(image_feat.float(), text_feat.float(), net.temp, pos)
@@ -604,7 +605,7 @@ def compute_losses(net: X2VLMModel, arcface: L.ArcFace, batch: Mapping[str, Any]
         n = min(category_recolour, pv.shape[0])
         with E.autocast(device, bf16):
             _, recoloured_feat = net.get_image_embeds(D.recolour(pv[:n], generator))
-        recoloured = category(recoloured_feat, batch["categories"][:n].to(device))
+        recoloured = category(recoloured_feat, categories[:n])
         terms["category"] = 0.5 * (terms["category"] + recoloured) if category_views == "both" else recoloured
     return terms
 
