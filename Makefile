@@ -49,7 +49,7 @@ test-fast: venv
 	$(BIN)/python -m pytest -m "not slow and not notebook and not fiftyone and not browser" $(PYTEST_ARGS)
 
 demo: venv
-	$(BIN)/python -m capret_utils.demo --out $(DEMO_DIR)
+	$(BIN)/python -m capret_utils.runs.demo --out $(DEMO_DIR)
 
 lab: venv
 	$(BIN)/jupyter-lab --no-browser --allow-root --port 8888 --IdentityProvider.token='' \

@@ -40,7 +40,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from capret_utils import captions as C  # noqa: E402
-from capret_utils import paths  # noqa: E402
+from capret_utils.runs import paths  # noqa: E402
+from capret_utils import testing  # noqa: E402
 
 
 def _phi3_mini_checkpoint(model_dir: Path, device: str) -> Path:
@@ -50,8 +51,8 @@ def _phi3_mini_checkpoint(model_dir: Path, device: str) -> Path:
     out = model_dir / "phi3-mini-random"
     if (out / "config.json").is_file():
         return out
-    tok = C.tiny_phi3_tokenizer()  # vocab ids fit in Phi-3's 32,064-row embedding
-    config = C.phi3_config("phi3-mini", tok)
+    tok = testing.tiny_phi3_tokenizer()  # vocab ids fit in Phi-3's 32,064-row embedding
+    config = testing.phi3_config("phi3-mini", tok)
     torch.manual_seed(0)
     with torch.device(device):
         model = Phi3ForCausalLM._from_config(config, dtype=torch.bfloat16)
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-captions-") as tmp:
         model_dir = Path(args.model_dir or tmp)
         model_dir.mkdir(parents=True, exist_ok=True)
-        tiny = C.build_tiny_models(model_dir / "tiny")
+        tiny = testing.build_tiny_models(model_dir / "tiny")
         llm_path = tiny["phi3"] if args.llm_config == "tiny" else _phi3_mini_checkpoint(model_dir, args.device)
         min_new = args.min_new_tokens
         t0 = time.perf_counter()

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from capret_utils import df2
+from capret_utils.data import df2
 
 SIZES = [(468, 624), (600, 800), (750, 1101), (800, 800), (1000, 1000), (533, 800)]
 

@@ -7,7 +7,7 @@ Usage::
 Builds a seeded synthetic submission for every style > 0 query of the 2019 ground truth (12,550 queries,
 24,012 gallery records): jittered query boxes, 10 % wrong classes, 30 % extra spurious (0, 0, 30, 30)
 detections, 20 gallery entries each with an 8 % chance of being a (jittered) positive. Times
-``capret_utils.df2_eval.evaluate_df2`` on the parsed JSON lists (parsing/validation included) and the
+``capret_utils.evaluation.df2_eval.evaluate_df2`` on the parsed JSON lists (parsing/validation included) and the
 whole CLI path (JSON files read from disk). Prints one JSON object.
 """
 
@@ -22,8 +22,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from capret_utils import df2_eval as E
-from capret_utils.paths import repo_root
+from capret_utils.evaluation import df2_eval as E
+from capret_utils.common import repo_root
 
 
 def make_results(qgt: list[dict], ggt: list[dict], seed: int, length: int) -> list[dict]:

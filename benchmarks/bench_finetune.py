@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     import torch
 
-    from capret_utils import paths, train
+    from capret_utils.runs import paths
+    from capret_utils import train
 
     train.suppress_known_warnings()
     root = paths.data_root(a.data_root)

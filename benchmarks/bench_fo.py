@@ -6,7 +6,7 @@ tiled to ``--images`` images (default 32,153, the released validation size; abou
 and keys, so every row is real and the image files exist (tiles share files). Measured: ``fo.build_dataset``
 (one sample per image, boxes, landmarks as keypoints, saved views), ``fo.item_index``, writing a per-query results
 table for every query (top-20 keys and scores, first-hit rank, hit@1/10, AP) with ``fo.attach_results``, loading
-the ``query-items`` patches view, and each figure of ``capret_utils.plots``. The database is a temporary one
+the ``query-items`` patches view, and each figure of ``capret_utils.viz.plots``. The database is a temporary one
 (``FIFTYONE_DATABASE_DIR``) and the dataset is deleted afterwards.
 
     python benchmarks/bench_fo.py                  # 32,153 images
@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--topk", type=int, default=20, help="length of the per-query top-k lists")
     args = parser.parse_args(argv)
 
-    from capret_utils import df2, paths, plots
-    from capret_utils import fo as cfo
+    from capret_utils.data import df2
+    from capret_utils.runs import paths
+    from capret_utils.viz import plots
+    from capret_utils.viz import fo as cfo
 
     t = time.perf_counter()
     base = df2.load_items(paths.split_dir(paths.data_root("", smoke=False), "validation"))

@@ -16,7 +16,7 @@ The measured part runs in a fresh child process (so ``peak_rss_mb`` is that whol
 imported and warmed up before timing. Each repeat times, in turn:
 
 * ``faiss_search_s``: ``faiss.IndexFlatIP.search(queries, 20)`` alone (the floor);
-* ``total_eval_s``: ``capret_utils.metrics.evaluate`` end to end (input checks, exact fused ranking,
+* ``total_eval_s``: ``capret_utils.evaluation.metrics.evaluate`` end to end (input checks, exact fused ranking,
   hit@1/5/10/15/20, full-ranking mAP and the per-query table with top-20 keys and scores).
 
 Prints one JSON object: best and median of each, ``ratio`` = best total / best floor (and the median
@@ -61,7 +61,7 @@ def child(args: argparse.Namespace) -> dict:
     import faiss
     import numpy as np
 
-    from capret_utils import metrics as M
+    from capret_utils.evaluation import metrics as M
 
     faiss.omp_set_num_threads(args.threads)
     Q, G, ql, gl = _make_data(args.queries, args.gallery, args.dim, args.gallery_mult, args.seed)

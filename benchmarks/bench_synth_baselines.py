@@ -27,7 +27,8 @@ from PIL import Image
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from capret_utils import df2, paths  # noqa: E402
+from capret_utils.data import df2  # noqa: E402
+from capret_utils.runs import paths
 
 
 def crops(items, size: int, pad: float = 0.0) -> np.ndarray:

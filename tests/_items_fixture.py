@@ -1,6 +1,6 @@
 """A small, hand-checkable items table (the df2.load_items schema) with real JPEGs, for the fo / plots tests.
 
-Kept independent of ``capret_utils.synth`` / ``df2`` so these tests check the FiftyOne and plotting layers on
+Kept independent of ``capret_utils.data.synth`` / ``df2`` so these tests check the FiftyOne and plotting layers on
 their own. Layout (deterministic): ``n_pairs`` pairs; pair p has 2 user images and 2 shop images; every image
 holds a style-1 item of category ``CATS[p % 3]`` and user image 0 / shop image 1 also hold a style-0 item;
 attributes cycle through 1..3 so every code appears.

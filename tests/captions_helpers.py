@@ -1,7 +1,7 @@
 """Test data for test_captions.py: a small DeepFashion2-format split (image/ + annos/ + attributes.jsonl).
 
 Written in the exact on-disk layout and schema (docs/deepfashion2.md §1.2) so the tests read it through the real
-``capret_utils.df2.load_items``. Deterministic; each item gets a distinct colour so VQA crops differ.
+``capret_utils.data.df2.load_items``. Deterministic; each item gets a distinct colour so VQA crops differ.
 """
 
 from __future__ import annotations

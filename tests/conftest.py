@@ -32,7 +32,7 @@ except OSError:
 
 def shared_data_dir() -> Path:
     """The read-only reference data next to the project (``../shared/data``)."""
-    from capret_utils.paths import repo_root
+    from capret_utils.common import repo_root
 
     return repo_root().parent / "shared" / "data"
 
@@ -48,6 +48,6 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def smoke_root() -> Path:
     """The tiny synthetic DeepFashion2-format benchmark (generated once, under the repo's data/)."""
-    from capret_utils import paths
+    from capret_utils.runs import paths
 
     return paths.data_root("", smoke=True)

@@ -1,4 +1,4 @@
-"""capret_utils.analysis: variant table on hand-made rankings, breakdowns, the "right category, wrong item" share,
+"""capret_utils.evaluation.analysis: variant table on hand-made rankings, breakdowns, the "right category, wrong item" share,
 the official protocol on the same ranking, the real variant runner with a tiny model, FiftyOne failure views and
 the shipped sweep files against the real notebooks."""
 
@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from capret_utils import analysis, metrics, sweep
-from capret_utils.paths import repo_root
+from capret_utils.evaluation import analysis, metrics
+from capret_utils.runs import sweep
+from capret_utils.common import repo_root
 from _items_fixture import make_items
 
 
@@ -217,7 +218,8 @@ def test_zero_shot_rebuilds_the_initial_weights(tiny_checkpoint):
 
 @pytest.mark.slow
 def test_every_variant_runs_with_a_tiny_model(tiny_checkpoint, smoke_root, tmp_path):
-    from capret_utils import df2, paths
+    from capret_utils.data import df2
+    from capret_utils.runs import paths
     from capret_utils.captions import template_captions
 
     items = df2.load_items(paths.split_dir(smoke_root, "validation"))
@@ -258,7 +260,7 @@ def test_every_variant_runs_with_a_tiny_model(tiny_checkpoint, smoke_root, tmp_p
 
 @pytest.mark.fiftyone
 def test_failure_views_hold_exactly_the_failures(items):
-    from capret_utils import fo as cfo
+    from capret_utils.viz import fo as cfo
 
     queries, gallery, parts = _hand_case(items)
     ng = len(gallery)

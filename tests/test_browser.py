@@ -2,7 +2,7 @@
 and stopping the server leaves no process and no open port.
 
 Reusable pieces (for the retrieval-failures extension): the ``app_server`` fixture (one server per module, on a
-free port) and ``render(view, expect)`` below, both thin wrappers over ``capret_utils.fo_app``.
+free port) and ``render(view, expect)`` below, both thin wrappers over ``capret_utils.viz.fo_app``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from capret_utils import fo as cfo
-from capret_utils import fo_app
+from capret_utils.viz import fo as cfo
+from capret_utils.viz import fo_app
 from _items_fixture import make_items
 
 pytestmark = [pytest.mark.browser, pytest.mark.fiftyone, pytest.mark.slow]
@@ -34,7 +34,7 @@ def app_dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app_server(app_dataset, small_run, tmp_path_factory):
-    """``python -m capret_utils.fo_app serve`` for ``app_dataset`` on a free port; stopped at the end. Started after
+    """``python -m capret_utils.viz.fo_app serve`` for ``app_dataset`` on a free port; stopped at the end. Started after
     ``small_run`` wrote its results and saved views (a running App server does not see views saved later by
     another process)."""
     log = tmp_path_factory.mktemp("app-server") / "server.log"
@@ -87,7 +87,7 @@ def test_app_shows_a_saved_patches_view(render, app_dataset):
 def small_run(app_dataset, tmp_path_factory):
     """Per-query results of a small retrieval run (seeded random embeddings scored by the real evaluator) written
     into the served dataset with its failure views, as notebook 04 writes them. Returns (failures view, count)."""
-    from capret_utils import analysis, metrics
+    from capret_utils.evaluation import analysis, metrics
 
     items = make_items(tmp_path_factory.mktemp("browser-run"), n_pairs=3)  # same keys as app_dataset
     queries, gallery = metrics.item_sets(items)

@@ -17,6 +17,7 @@ import pytest
 
 import captions_helpers as H
 from capret_utils import captions as C
+from capret_utils import testing
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -48,7 +49,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     pytest.importorskip("transformers")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield C.build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+    yield testing.build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
     torch.set_num_threads(threads)
 
 
@@ -320,7 +321,7 @@ def test_tiny_models_are_saved_and_reloaded_from_pretrained(tiny):
     tok = AutoTokenizer.from_pretrained(tiny["phi3"])
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert text == "<|user|>\nhi<|end|>\n<|assistant|>\n"
-    assert C.build_tiny_models(tiny["phi3"].parent) == tiny  # idempotent
+    assert testing.build_tiny_models(tiny["phi3"].parent) == tiny  # idempotent
 
 
 def test_llm_prompt_layout_and_stop_tokens(tiny):
@@ -439,7 +440,7 @@ def test_phi3_mini_preset_has_the_real_parameter_count():
     import torch
     from transformers import Phi3ForCausalLM
 
-    cfg = C.phi3_config("phi3-mini", C.tiny_phi3_tokenizer())
+    cfg = testing.phi3_config("phi3-mini", testing.tiny_phi3_tokenizer())
     with torch.device("meta"):
         model = Phi3ForCausalLM(cfg)
     assert sum(p.numel() for p in model.parameters()) == 3_821_079_552

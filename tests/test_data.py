@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from capret_utils import data as D
-from capret_utils import df2
+from capret_utils.captions import item_texts
+from capret_utils.data import df2
+from capret_utils.data import loader as D
 from capret_utils.x2vlm import build_wordpiece_tokenizer, fashion_caption_corpus
 
 
@@ -36,18 +37,18 @@ def test_identity_classes_and_labels(train_items):
 
 
 def test_item_texts_modes(train_items):
-    assert D.item_texts(train_items, "none") == list(train_items["category_name"])
-    template = D.item_texts(train_items, "template")
+    assert item_texts(train_items, "none") == list(train_items["category_name"])
+    template = item_texts(train_items, "template")
     assert template[0].startswith(f"An image of a {train_items['category_name'].iloc[0]}")
     caps = {k: f"caption {i}" for i, k in enumerate(train_items["key"])}
-    assert D.item_texts(train_items, "dialogue", caps)[3] == "caption 3"
+    assert item_texts(train_items, "dialogue", caps)[3] == "caption 3"
     del caps[train_items["key"].iloc[5]], caps[train_items["key"].iloc[7]]
     with pytest.raises(KeyError, match=r"2 of 24 items have no caption"):
-        D.item_texts(train_items, "dialogue", caps)
+        item_texts(train_items, "dialogue", caps)
     with pytest.raises(ValueError, match="caption store"):
-        D.item_texts(train_items, "dialogue", None)
+        item_texts(train_items, "dialogue", None)
     with pytest.raises(ValueError, match="use_captions"):
-        D.item_texts(train_items, "llm")
+        item_texts(train_items, "llm")
 
 
 def test_text_ids_group_identical_cleaned_texts():
@@ -89,7 +90,7 @@ def test_image_store_names_a_missing_file(train_items):
 def _dataset(items, **kw) -> D.ItemDataset:
     cfg = D.DataConfig(image_res=32, **kw)
     labels = D.identity_labels(items, D.identity_classes(items))
-    return D.ItemDataset(items, D.item_texts(items, "none"), labels, cfg)
+    return D.ItemDataset(items, item_texts(items, "none"), labels, cfg)
 
 
 def test_dataset_samples_are_deterministic_per_seed(train_items):

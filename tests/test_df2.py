@@ -1,4 +1,4 @@
-"""capret_utils.df2: reading + validation, skip reports, clamping, retrieval sets, official JSON formats,
+"""capret_utils.data.df2: reading + validation, skip reports, clamping, retrieval sets, official JSON formats,
 release check. Hand-made splits are written to tmp dirs; the 2019 GT comes from ../shared/data."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from capret_utils import df2
-from capret_utils.df2 import DeepFashion2FormatError
+from capret_utils.data import df2
+from capret_utils.data.df2 import DeepFashion2FormatError
 
 W, H = 120, 90  # size of the hand-made images
 

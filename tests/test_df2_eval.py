@@ -1,4 +1,4 @@
-"""capret_utils.df2_eval: the official DeepFashion2 top-k protocol vs a clean-room naive reference.
+"""capret_utils.evaluation.df2_eval: the official DeepFashion2 top-k protocol vs a clean-room naive reference.
 
 The reference below follows docs/deepfashion2.md §3.3 literally with pure-Python loops (no numpy). The
 fast evaluator must equal it exactly on hand-made ground truth exercising every rule and on synthetic
@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from capret_utils import df2_eval as E
-from capret_utils.paths import repo_root
+from capret_utils.evaluation import df2_eval as E
+from capret_utils.common import repo_root
 
 KS = (1, 5, 10, 15, 20)
 GT_DIR = repo_root().parent / "shared" / "data" / "df2_val_gt_2019"
@@ -266,7 +266,7 @@ def test_writers_and_cli_roundtrip(tmp_path, capsys):
     paths = {}
     for name, data in (("results", records), ("q", qgt), ("g", ggt)):
         paths[name] = E.write_results(tmp_path / f"{name}.json", data)
-    cli = subprocess.run([sys.executable, "-m", "capret_utils.df2_eval", str(paths["results"]),
+    cli = subprocess.run([sys.executable, "-m", "capret_utils.evaluation.df2_eval", str(paths["results"]),
                           str(paths["q"]), str(paths["g"])], capture_output=True, text=True, check=True)
     printed = json.loads(cli.stdout)
     assert list(printed) == ["top1", "top5", "top10", "top15", "top20"]

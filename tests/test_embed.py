@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from capret_utils import df2, metrics
-from capret_utils import embed as E
-from capret_utils.data import ImageStore
+from capret_utils.data import df2
+from capret_utils.evaluation import metrics
+from capret_utils.evaluation import embed as E
+from capret_utils.data.loader import ImageStore
 from capret_utils.x2vlm import (
     BERT_SPECIAL_IDS,
     ImageSettings,

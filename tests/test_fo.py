@@ -1,4 +1,4 @@
-"""capret_utils.fo: the items table as a FiftyOne dataset (real MongoDB via FiftyOne), look-ups, results, views."""
+"""capret_utils.viz.fo: the items table as a FiftyOne dataset (real MongoDB via FiftyOne), look-ups, results, views."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from capret_utils import fo as cfo
+from capret_utils.viz import fo as cfo
 from _items_fixture import make_items
 
 # ------------------------------------------------------------------------------------ pure helpers (no DB)

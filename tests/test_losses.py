@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from capret_utils import losses as L
+from capret_utils.train import losses as L
 
 
 def _feats(n: int, d: int, seed: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""capret_utils.metrics against a naive loop reference, hand-worked cases, PML and torchmetrics."""
+"""capret_utils.evaluation.metrics against a naive loop reference, hand-worked cases, PML and torchmetrics."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from capret_utils import metrics as M
-from capret_utils.retrieval import exact_search
+from capret_utils.evaluation import metrics as M
+from capret_utils.evaluation.retrieval import exact_search
 
 KS = (1, 5, 10, 15, 20)
 # exact-arithmetic data (below) is used as is: norm_tol=inf switches normalisation off

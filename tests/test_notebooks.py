@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from capret_utils import demo
+from capret_utils.runs import demo
 
 pytestmark = [pytest.mark.notebook, pytest.mark.slow]
 

@@ -1,4 +1,4 @@
-"""capret_utils.paths and capret_utils.runs: path resolution, run folders, params/metrics files."""
+"""capret_utils.runs.paths and capret_utils.runs.folders: path resolution, run folders, params/metrics files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from capret_utils import paths, runs
+from capret_utils import common, runs
+from capret_utils.runs import paths
 
 
 def test_repo_root_holds_the_package():
@@ -69,16 +70,16 @@ def test_git_sha_is_a_commit():
 
 def test_atomic_path_publishes_on_success_and_leaves_nothing_on_error(tmp_path):
     target = tmp_path / "sub" / "table.csv"
-    with runs.atomic_path(target) as tmp:
+    with common.atomic_path(target) as tmp:
         assert tmp.parent == target.parent and tmp != target
         tmp.write_text("a,b\n1,2\n")
         assert not target.exists()  # not published before the block ends
     assert target.read_text() == "a,b\n1,2\n"
     with pytest.raises(RuntimeError):
-        with runs.atomic_path(target) as tmp:
+        with common.atomic_path(target) as tmp:
             tmp.write_text("torn")
             raise RuntimeError("killed mid-write")
     assert target.read_text() == "a,b\n1,2\n"  # the old file survives
     assert sorted(p.name for p in target.parent.iterdir()) == ["table.csv"]  # no temp file left
-    runs.write_text_atomic(target, "x")
+    common.write_text_atomic(target, "x")
     assert target.read_text() == "x"

@@ -1,4 +1,4 @@
-"""capret_utils.plots: the tables behind the figures (hand-computed cases), the figures' content, save_figure."""
+"""capret_utils.viz.plots: the tables behind the figures (hand-computed cases), the figures' content, save_figure."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from capret_utils import df2, plots  # noqa: E402
+from capret_utils.data import df2  # noqa: E402
+from capret_utils.viz import plots
 from _items_fixture import make_items  # noqa: E402
 
 
@@ -194,7 +195,7 @@ def test_caption_figures_count_words_and_filter_outcomes():
 @pytest.fixture(scope="module")
 def retrieval_run(items):
     """Two variants scored by the real evaluator on seeded embeddings of the fixture items."""
-    from capret_utils import analysis, metrics
+    from capret_utils.evaluation import analysis, metrics
 
     queries, gallery = metrics.item_sets(items)
     rng = np.random.default_rng(1)
@@ -222,7 +223,7 @@ def test_variant_metrics_bars_show_the_table(retrieval_run):
 
 
 def test_breakdown_figures(retrieval_run, items):
-    from capret_utils import analysis
+    from capret_utils.evaluation import analysis
 
     _, per_query = retrieval_run
     bd = analysis.breakdowns(per_query, items, ("occlusion", "category_name"))
@@ -246,7 +247,7 @@ def test_category_error_share_figure(retrieval_run):
 
 
 def test_error_gallery_draws_query_top5_and_match(retrieval_run, items, tmp_path):
-    from capret_utils import analysis
+    from capret_utils.evaluation import analysis
 
     _, per_query = retrieval_run
     examples = analysis.error_examples(per_query, "zero-shot/crop", n=2, seed=0)
@@ -264,7 +265,7 @@ def test_error_gallery_draws_query_top5_and_match(retrieval_run, items, tmp_path
 
 
 def test_sweep_metric_lines(tmp_path):
-    from capret_utils import analysis
+    from capret_utils.evaluation import analysis
 
     summary = pd.DataFrame({"param.margin": [0.05, 0.2, 0.05, 0.2], "param.use_captions": ["none", "none",
                             "dialogue", "dialogue"], "status": "ok",

@@ -13,7 +13,7 @@ import papermill
 import pytest
 import yaml
 
-from capret_utils.paths import repo_root
+from capret_utils.common import repo_root
 
 ROOT = repo_root()
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -80,7 +80,7 @@ def test_make_targets_create_the_venv_when_missing(tmp_path):
         assert "torch==" in script, target
         assert "pip check" in script, target
     assert "-m pytest" in _make_dry_run("test", f"VENV={venv}")
-    assert "capret_utils.demo" in _make_dry_run("demo", f"VENV={venv}")
+    assert "capret_utils.runs.demo" in _make_dry_run("demo", f"VENV={venv}")
     assert "jupyter-lab" in _make_dry_run("lab", f"VENV={venv}")
 
 

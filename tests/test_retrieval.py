@@ -1,11 +1,11 @@
-"""capret_utils.retrieval: FAISS exact/ANN search, input checks, tie order, re-ranking, GPU fallback."""
+"""capret_utils.evaluation.retrieval: FAISS exact/ANN search, input checks, tie order, re-ranking, GPU fallback."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from capret_utils import retrieval as R
+from capret_utils.evaluation import retrieval as R
 
 
 def unit(rng, n, d):

@@ -1,4 +1,4 @@
-"""capret_utils.sweep: name/type checks before running, run folders, failure recording, skip-finished, summary."""
+"""capret_utils.runs.sweep: name/type checks before running, run folders, failure recording, skip-finished, summary."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from capret_utils import sweep
+from capret_utils.runs import sweep
 
 PARAMS_CELL = """\
 margin: float = 0.15  # ArcFace angular margin, radians
@@ -19,7 +19,8 @@ fail: bool = False  # raise inside the notebook (to test failure recording)
 run_dir: str = ""  # run folder (set by the sweep)
 """
 BODY = """\
-from capret_utils import paths, runs
+from capret_utils import runs
+from capret_utils.runs import paths
 out = paths.run_dir(run_dir, "toy")
 runs.write_params(out, dict(margin=margin, use_captions=use_captions, fail=fail), notebook="toy")
 if fail:

@@ -1,4 +1,4 @@
-"""capret_utils.synth: the synthetic benchmark is valid DeepFashion2, its labels match the drawn geometry,
+"""capret_utils.data.synth: the synthetic benchmark is valid DeepFashion2, its labels match the drawn geometry,
 it is deterministic, and generation is atomic, idempotent, lock-protected and recovers from a kill."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from capret_utils import df2, synth
+from capret_utils.data import df2, synth
 
 TINY = replace(synth.SynthConfig.smoke(), train_pairs=3, val_pairs=3)
 
@@ -267,7 +267,7 @@ def test_generate_refuses_to_replace_foreign_folders(tmp_path: Path):
 def test_recovers_from_a_killed_generation(tmp_path: Path):
     root = tmp_path / "bench"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "capret_utils.synth", "--out", str(root), "--preset", "smoke",
+    proc = subprocess.Popen([sys.executable, "-m", "capret_utils.data.synth", "--out", str(root), "--preset", "smoke",
                              "--pairs", "60", "--workers", "1", "--quiet"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.time() + 60

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from capret_utils import data as D
-from capret_utils import losses as L
+from capret_utils.data import loader as D
+from capret_utils.train import losses as L
 from capret_utils import train
-from capret_utils.paths import repo_root
+from capret_utils.train import model as train_model
+from capret_utils.common import repo_root
 
 WORKER = Path(__file__).with_name("train_kill_worker.py")
 
@@ -345,8 +346,8 @@ def test_resume_refuses_another_configuration(splits, tmp_path, monkeypatch):
         train.finetune(train.prepare(replace(cfg, lr=3e-3), splits[0]), tmp_path / "run")
     # same TrainConfig, but the preset's architecture changed in code (here: the vision stem): refused by the digest
     # before any weight is loaded, not by a missing-key error
-    original = train.model_config
-    monkeypatch.setattr(train, "model_config", lambda c, vocab_size=None: replace_config(
+    original = train_model.model_config
+    monkeypatch.setattr(train_model, "model_config", lambda c, vocab_size=None: replace_config(
         original(c, vocab_size), vision_stem="conv", patch_size=16))
     with pytest.raises(ValueError, match="another training configuration or model architecture"):
         train.finetune(train.prepare(cfg, splits[0]), tmp_path / "run")

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from capret_utils.paths import repo_root
+from capret_utils.common import repo_root
 from capret_utils.x2vlm import (
     OfficialCheckpointError,
     X2VLMConfig,

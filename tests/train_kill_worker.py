@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from capret_utils import paths, train
+    from capret_utils.runs import paths
+    from capret_utils import train
 
     root = paths.data_root("", smoke=True)
     cfg = train.TrainConfig(model="tiny", finetune_mode=a.mode, use_captions="template", max_steps=a.steps,

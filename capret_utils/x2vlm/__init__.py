@@ -24,9 +24,25 @@ from capret_utils.x2vlm.convert import (
     resize_rel_pos_table,
     to_official_state_dict,
 )
-from capret_utils.x2vlm.lora import LORA_TARGETS, LoraSettings, apply_lora, merge_lora, trainable_parameters
-from capret_utils.x2vlm.memory import MemoryEstimate, estimate_training_memory, measure_saved_activations
-from capret_utils.x2vlm.modeling import TEMP_MAX, TEMP_MIN, X2VLMModel, X2VLMOutput, register_auto_classes
+from capret_utils.x2vlm.lora import (
+    LORA_TARGETS,
+    LoraSettings,
+    apply_lora,
+    merge_lora,
+    trainable_parameters,
+)
+from capret_utils.x2vlm.memory import (
+    MemoryEstimate,
+    estimate_training_memory,
+    measure_saved_activations,
+)
+from capret_utils.x2vlm.modeling import (
+    TEMP_MAX,
+    TEMP_MIN,
+    X2VLMModel,
+    X2VLMOutput,
+    register_auto_classes,
+)
 from capret_utils.x2vlm.processing import (
     BERT_SPECIAL_IDS,
     COMPACT_SPECIAL_IDS,

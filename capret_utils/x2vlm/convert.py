@@ -433,11 +433,17 @@ def load_official_checkpoint(path_or_state_dict: str | os.PathLike | Mapping[str
                        model_class=model_class)
 
 
+def _registered_model_class() -> type:
+    """The model class registered for :class:`X2VLMConfig` with ``AutoModel`` (``X2VLMModel``, registered when
+    :mod:`capret_utils.x2vlm` is imported); looked up here so this module does not import the modeling module."""
+    from transformers import AutoModel
+
+    return AutoModel._model_mapping[X2VLMConfig]
+
+
 def _load_state(state: Mapping[str, torch.Tensor], ckpt_config: dict | None, source: str, config: X2VLMConfig,
                 drop: Iterable[str] = (), add_heads: Iterable[str] = (), model: Any = None,
                 model_class: type | None = None):
-    from capret_utils.x2vlm.modeling import X2VLMModel
-
     add_heads = tuple(add_heads)
     bad = [h for h in add_heads if h not in HEADS]
     if bad:
@@ -445,7 +451,7 @@ def _load_state(state: Mapping[str, torch.Tensor], ckpt_config: dict | None, sou
     mapped, report = official_to_capret(state, config, drop=drop, source=source, strict=False)
     report.checkpoint_config = ckpt_config
     if model is None:
-        model = (model_class or X2VLMModel)(config)
+        model = (model_class or _registered_model_class())(config)
     expected = model.state_dict()
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     unexpected = sorted(k for k in mapped if k not in expected)

@@ -33,6 +33,7 @@ from transformers.models.bert.modeling_bert import BertLayer, BertOnlyMLMHead
 from transformers.utils import ModelOutput
 
 from capret_utils.x2vlm.config import X2VLMConfig
+from capret_utils.x2vlm.convert import model_from_official
 
 TEMP_MIN, TEMP_MAX = 0.001, 0.5  # official clamp of the ITC temperature before every training step
 
@@ -182,8 +183,6 @@ class X2VLMModel(PreTrainedModel):
 
         See :func:`capret_utils.x2vlm.convert.model_from_official` for the keyword arguments.
         """
-        from capret_utils.x2vlm.convert import model_from_official
-
         return model_from_official(path, text_num_attention_heads=text_num_attention_heads, image_res=image_res,
                                    model_class=cls, **kwargs)
 

@@ -11,7 +11,7 @@ Representations (:class:`EmbedConfig`):
   tokens), projected by the model's ``text_proj`` and L2-normalised (the fusion [CLS] continues the text [CLS]'s
   residual stream; notebook 03 trains this projection of fused pairs with ArcFace, loss term ``arcface_fused``).
 
-:class:`ITMReranker` is the ITM re-ranking hook for :mod:`capret_utils.retrieval` / :mod:`capret_utils.metrics`:
+:class:`ITMReranker` is the ITM re-ranking hook for :mod:`capret_utils.evaluation.retrieval` / :mod:`capret_utils.evaluation.metrics`:
 the query item's caption against each candidate gallery view's image tokens through the fusion layers; score =
 the raw ITM "match" logit (official X2-VLM re-ranking, docs/x2vlm.md §6).
 
@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from capret_utils.data import ImageStore, crop_box
+from capret_utils.data.loader import ImageStore
 from capret_utils.x2vlm import X2VLMImageProcessor, X2VLMModel, X2VLMTokenizer
 
 VIEWS = ("crop", "image", "predicted")

@@ -27,7 +27,7 @@ Rebuilding is idempotent and atomic: the dataset is built under a temporary name
 The App: ``launch`` works in a notebook (inline) and in a script. An exit hook (and, in a script, a SIGTERM
 handler) stops the App server *before* the process and FiftyOne's database service go, so no server or
 ``mongod`` outlives it (``docs/environment.md`` §4.5; why the handler alone is not enough: ``_close_session``).
-``python -m capret_utils.fo_app serve`` serves a dataset from a terminal; ``capret_utils.fo_app`` also holds the
+``python -m capret_utils.viz.fo_app serve`` serves a dataset from a terminal; ``capret_utils.viz.fo_app`` also holds the
 subprocess server and headless-Chromium helpers used by the browser test.
 """
 
@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from capret_utils.df2 import identity_key
+from capret_utils.data.df2 import identity_key
 
 if TYPE_CHECKING:  # fiftyone is imported lazily: importing it costs ~2 s
     import fiftyone as fo
@@ -164,7 +164,7 @@ def _python(value: Any) -> Any:
 def _check_items(items: pd.DataFrame) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in items.columns]
     if missing:
-        raise ValueError(f"items table lacks column(s) {missing}; expected the capret_utils.df2.load_items schema")
+        raise ValueError(f"items table lacks column(s) {missing}; expected the capret_utils.data.df2.load_items schema")
     if items.empty:
         raise ValueError("items table is empty: nothing to put in FiftyOne")
     dup = items["key"][items["key"].duplicated()]
@@ -274,7 +274,7 @@ def build_dataset(items: pd.DataFrame, name: str, config: BuildConfig = BuildCon
         dataset.app_config.active_fields = fo.ActiveFields(paths=[LABEL_FIELD])
         dataset.app_config.color_scheme = fo.ColorScheme(color_by="value")
         dataset.info = {
-            "built_by": "capret_utils.fo.build_dataset",
+            "built_by": "capret_utils.viz.fo.build_dataset",
             "splits": sorted(str(s) for s in items["split"].unique()),
             "n_images": n_images,
             "n_items": int(len(items)),
@@ -572,7 +572,7 @@ def launch(dataset: "fo.Dataset", view: Any = None, port: int = 5151, remote: bo
     """Open the FiftyOne App on ``dataset`` (optionally a view or the name of a saved view); returns the Session.
 
     In a notebook the App renders inline in the cell output; ``remote=True`` raises there (FiftyOne cannot run a
-    remote session from a notebook: use ``python -m capret_utils.fo_app serve --dataset NAME --port P`` in a
+    remote session from a notebook: use ``python -m capret_utils.viz.fo_app serve --dataset NAME --port P`` in a
     terminal and forward the port). In a script the App opens in the browser (``remote=False``) or just serves
     on ``address:port`` (``remote=True``, e.g. ``address="0.0.0.0"`` on a GPU box); ``wait=True`` blocks until
     SIGTERM / Ctrl-C, and the server is shut down cleanly either way (``install_shutdown``).
@@ -582,7 +582,7 @@ def launch(dataset: "fo.Dataset", view: Any = None, port: int = 5151, remote: bo
     notebook = in_notebook()
     if remote and notebook:
         raise ValueError("remote=True cannot be used from a notebook (FiftyOne refuses remote sessions there); "
-                         "use remote=False to show the App inline, or run `python -m capret_utils.fo_app serve "
+                         "use remote=False to show the App inline, or run `python -m capret_utils.viz.fo_app serve "
                          f"--dataset {dataset.name} --port {port}` in a terminal and forward the port")
     target_view = resolve_view(dataset, view)
     kwargs: dict[str, Any] = {"port": int(port), "remote": bool(remote)}

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from capret_utils.df2 import RELEASED, ReleaseReport, item_retrieval_set
+from capret_utils.data.df2 import RELEASED, ReleaseReport, item_retrieval_set
 
 SOURCES = ("user", "shop")
 SOURCE_COLOURS = {"user": "#d95f02", "shop": "#1b9e77"}

@@ -2,9 +2,9 @@
 
 Command line (what a user on a GPU box without a browser runs, then forwards the port)::
 
-    python -m capret_utils.fo_app serve --dataset capret-synthetic-validation [--view user-queries] \
+    python -m capret_utils.viz.fo_app serve --dataset capret-synthetic-validation [--view user-queries] \
         [--port 5151] [--address 127.0.0.1]
-    python -m capret_utils.fo_app screenshot --dataset NAME [--view VIEW] --out DIR   # serve, render, stop
+    python -m capret_utils.viz.fo_app screenshot --dataset NAME [--view VIEW] --out DIR   # serve, render, stop
 
 From Python (tests, notebooks that want a picture of the App)::
 
@@ -14,7 +14,7 @@ From Python (tests, notebooks that want a picture of the App)::
 
 ``AppServer`` starts ``serve`` in a subprocess on a free port, waits until the App answers, and on exit sends
 SIGTERM and checks that every process the server started is gone and nothing listens on the port
-(``ShutdownReport``). ``serve`` closes the App before the process exits (``capret_utils.fo.install_shutdown``):
+(``ShutdownReport``). ``serve`` closes the App before the process exits (``capret_utils.viz.fo.install_shutdown``):
 with only a SIGTERM handler, FiftyOne's database service stops ``mongod`` first and the orphaned server then
 sits ~30 s in a MongoDB timeout holding the port (measured on fiftyone 1.22.1).
 """
@@ -136,7 +136,7 @@ def app_url(dataset: str, view: str = "", port: int = 5151, address: str = "127.
 
 def serve(config: ServeConfig) -> int:
     """Serve ``config.dataset`` until SIGTERM / Ctrl-C (the ``serve`` command); prints a ready line with the URL."""
-    from capret_utils import fo as cfo
+    from capret_utils.viz import fo as cfo
 
     port = config.port or free_port(config.address if config.address != "0.0.0.0" else "127.0.0.1")
     dataset = cfo.load_dataset(config.dataset)
@@ -197,8 +197,8 @@ class AppServer:
             pass
 
     def command(self) -> list[str]:
-        """The serve command line (``python -m capret_utils.fo_app serve ...``)."""
-        cmd = [sys.executable, "-m", "capret_utils.fo_app", "serve", "--dataset", self.config.dataset,
+        """The serve command line (``python -m capret_utils.viz.fo_app serve ...``)."""
+        cmd = [sys.executable, "-m", "capret_utils.viz.fo_app", "serve", "--dataset", self.config.dataset,
                "--port", str(self.port), "--address", self.config.address]
         if self.config.view:
             cmd += ["--view", self.config.view]
@@ -419,11 +419,11 @@ def serve_and_render(config: ServeConfig, out_dir: str | Path, expect: Sequence[
 
 
 def main(argv: list[str] | None = None) -> int:
-    # SIGTERM during start-up must also run the exit hooks (see capret_utils.fo.install_shutdown)
-    from capret_utils.fo import _raise_system_exit
+    # SIGTERM during start-up must also run the exit hooks (see capret_utils.viz.fo.install_shutdown)
+    from capret_utils.viz.fo import _raise_system_exit
 
     signal.signal(signal.SIGTERM, _raise_system_exit)
-    parser = argparse.ArgumentParser(prog="python -m capret_utils.fo_app", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m capret_utils.viz.fo_app", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for cmd in ("serve", "screenshot"):
         p = sub.add_parser(cmd)

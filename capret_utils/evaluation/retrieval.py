@@ -261,7 +261,7 @@ def search(index: GalleryIndex, query_emb: Any, k: int, *, rerank: Reranker | No
     kr = min(max(k, int(rerank_k)), index.ntotal) if rerank is not None else k
     if index.on_gpu and kr > 2048:
         raise ValueError(f"faiss-gpu returns at most 2048 neighbours per query, asked for {kr}; use a CPU "
-                         f"index (use_gpu=False) or capret_utils.metrics for full rankings")
+                         f"index (use_gpu=False) or capret_utils.evaluation.metrics for full rankings")
     if cfg.kind == "hnsw":
         index.index.hnsw.efSearch = max(int(cfg.ef_search), kr)
     nq = Q.shape[0]

@@ -14,7 +14,7 @@ first, then the executed notebook ``notebook.ipynb`` and the notebook's own ``me
 records ``ok`` or ``failed`` with the error, and a failed run does not stop the sweep. Re-running a sweep skips
 finished runs. ``summary.csv`` joins params and (flattened) metrics of every run.
 
-CLI: ``python -m capret_utils.sweep runs/<name>.yaml [--dry-run] [--retry-failed] [--max-runs N]``.
+CLI: ``python -m capret_utils.runs.sweep runs/<name>.yaml [--dry-run] [--retry-failed] [--max-runs N]``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import pandas as pd
 import yaml
 
 from capret_utils import runs
-from capret_utils.paths import repo_root
+from capret_utils.common import repo_root, write_json
 
 STATUS_FILE = "status.json"
 NOTEBOOK_FILE = "notebook.ipynb"
@@ -190,7 +190,7 @@ def run_notebook(notebook: Path, run_dir: Path, params: Mapping[str, Any], kerne
     started = time.time()
     status: dict[str, Any] = {"status": "running", "started": _dt.datetime.now().isoformat(timespec="seconds"),
                               "notebook": notebook.name, "params": dict(params)}
-    runs.write_json(run_dir / STATUS_FILE, status)
+    write_json(run_dir / STATUS_FILE, status)
     parameters = dict(params, run_dir=str(run_dir.resolve()))
     try:
         papermill.execute_notebook(str(notebook), str(run_dir / NOTEBOOK_FILE), parameters=parameters,
@@ -205,7 +205,7 @@ def run_notebook(notebook: Path, run_dir: Path, params: Mapping[str, Any], kerne
                       cell_index=getattr(exc, "cell_index", None),
                       traceback=traceback.format_exc(limit=5)[-4000:])
     status["duration_s"] = round(time.time() - started, 2)
-    runs.write_json(run_dir / STATUS_FILE, status)
+    write_json(run_dir / STATUS_FILE, status)
     return status
 
 
@@ -288,7 +288,7 @@ def load_summary(path: str | Path) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m capret_utils.sweep", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m capret_utils.runs.sweep", description=__doc__.split("\n")[0])
     parser.add_argument("spec", help="sweep YAML (keys: notebook, name, parameters, grid)")
     parser.add_argument("--out-dir", default=None, help="parent of runs/<name>/ (default: the YAML's folder)")
     parser.add_argument("--dry-run", action="store_true", help="check and list the runs without executing")

@@ -1,7 +1,7 @@
 """Retrieval quality: top-k accuracy (hit@k), full-ranking mAP and the per-query table.
 
 This module owns the *embedding-level* metrics used by the fine-tuning loop and the retrieval notebook.
-The official DeepFashion2 detection-style protocol lives in :mod:`capret_utils.df2_eval`.
+The official DeepFashion2 detection-style protocol lives in :mod:`capret_utils.evaluation.df2_eval`.
 
 Definitions (for one query q; "relevant" = shares an identity label with q, see below)
 --------------------------------------------------------------------------------------
@@ -69,7 +69,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from capret_utils.retrieval import Reranker, prepare_embeddings
+from capret_utils.evaluation.retrieval import Reranker, prepare_embeddings
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 15, 20)
 
@@ -618,7 +618,7 @@ def evaluate(query_emb: Any, gallery_emb: Any, query_labels: Any, gallery_labels
 
     ``query_emb`` (nq, d) and ``gallery_emb`` (ng, d): float embeddings (numpy or torch), L2-normalised or
     normalised here (``config.normalize``). Labels: see the module docstring. ``list_length``: length of
-    the stored top lists (0 = max(ks)). ``rerank``: optional :data:`capret_utils.retrieval.Reranker`
+    the stored top lists (0 = max(ks)). ``rerank``: optional :data:`capret_utils.evaluation.retrieval.Reranker`
     applied to the first ``rerank_k`` (>= list_length) items of every ranking; the re-scored items are
     re-sorted (stable) and keep their places ahead of the untouched rest, so mAP stays a full-ranking mAP.
     """
@@ -655,7 +655,7 @@ def evaluate(query_emb: Any, gallery_emb: Any, query_labels: Any, gallery_labels
 def _apply_rerank(rerank: Reranker, top_idx: np.ndarray, top_scores: np.ndarray, indptr: np.ndarray,
                   indices: np.ndarray, order: np.ndarray, ranks: np.ndarray,
                   config: EvalConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from capret_utils.retrieval import apply_reranker
+    from capret_utils.evaluation.retrieval import apply_reranker
 
     nq, K = top_idx.shape
     new_idx, new_scores, perm = apply_reranker(rerank, top_idx, top_scores, batch=max(1, config.query_batch))
@@ -738,7 +738,7 @@ def _require(df: pd.DataFrame, cols: Sequence[str], name: str) -> None:
     missing = [c for c in cols if c not in df.columns]
     if missing:
         raise KeyError(f"{name} lacks column(s) {missing}; it must be a slice of the items table "
-                       f"(capret_utils.df2.load_items)")
+                       f"(capret_utils.data.df2.load_items)")
 
 
 def item_sets(items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

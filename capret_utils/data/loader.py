@@ -37,10 +37,13 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from capret_utils.df2 import CATEGORY_NAMES, identity_key
-from capret_utils.x2vlm.processing import ImageSettings, X2VLMImageProcessor, X2VLMTokenizer
+from capret_utils.data.df2 import CAPTION_MODES, CATEGORY_NAMES, identity_key
+from capret_utils.x2vlm.processing import (
+    ImageSettings,
+    X2VLMImageProcessor,
+    X2VLMTokenizer,
+)
 
-CAPTION_MODES = ("none", "template", "dialogue")
 VIEWS = ("crop", "image")
 
 
@@ -125,30 +128,6 @@ def category_labels(items: pd.DataFrame) -> np.ndarray:
         raise ValueError(f"{int(bad.sum())} item(s) have a category_id outside 1-{len(CATEGORY_NAMES)}; first: "
                          f"item {key!r} with category_id {items['category_id'].iloc[i]}")
     return cats.astype(np.int64) - 1
-
-
-def item_texts(items: pd.DataFrame, use_captions: str, captions: Mapping[str, str] | None = None) -> list[str]:
-    """The text of each row: category name, template caption, or the stored caption (``use_captions``).
-
-    ``"dialogue"`` needs ``captions`` (``{key: caption}``, e.g. :func:`capret_utils.captions.load_captions`);
-    keys without a caption raise a ``KeyError`` that counts them and names the first few.
-    """
-    if use_captions not in CAPTION_MODES:
-        raise ValueError(f"use_captions must be one of {CAPTION_MODES}, got {use_captions!r}")
-    if use_captions == "none":
-        return [str(c) for c in items["category_name"]]
-    if use_captions == "template":
-        from capret_utils.captions import template_captions
-
-        table = template_captions(items)
-        return [table[k] for k in items["key"]]
-    if captions is None:
-        raise ValueError("use_captions='dialogue' needs the caption store (captions_path from notebook 02)")
-    missing = [k for k in items["key"] if k not in captions]
-    if missing:
-        raise KeyError(f"{len(missing)} of {len(items)} items have no caption in the caption store, e.g. "
-                       f"{missing[:3]}; caption every split you train on (notebook 02 with split='all')")
-    return [str(captions[k]) for k in items["key"]]
 
 
 def text_ids(texts: Sequence[str], tokenizer: X2VLMTokenizer | None = None) -> np.ndarray:

@@ -61,6 +61,8 @@ LANDMARK_COUNTS: dict[int, int] = {1: 25, 2: 33, 3: 31, 4: 39, 5: 15, 6: 15, 7: 
 """Category id → number of landmarks (the ``landmarks`` list holds 3× as many values: x, y, v)."""
 
 SOURCES = ("user", "shop")
+CAPTION_MODES = ("none", "template", "dialogue")  # an item's text: category name | template caption | dialogue caption
+SPLITS = ("train", "validation")  # the split folders a DeepFashion2 root holds (the test annotations are not public)
 ATTRIBUTE_FIELDS = ("scale", "occlusion", "zoom_in", "viewpoint")
 ATTRIBUTE_LABELS: dict[str, dict[int, str]] = {
     "scale": {1: "small", 2: "moderate", 3: "large"},
@@ -700,7 +702,7 @@ def _gt_records(frame: pd.DataFrame, id_field: str, with_cls: bool) -> list[dict
 
 
 def _write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    from capret_utils.runs import write_text_atomic
+    from capret_utils.common import write_text_atomic
 
     return write_text_atomic(path, json.dumps(data, separators=(", ", ": ")))
 

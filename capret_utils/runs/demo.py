@@ -1,6 +1,6 @@
 """The whole pipeline in one command: notebooks 01 → 04 through papermill, each into its own run folder.
 
-``make demo`` calls ``python -m capret_utils.demo --out runs/demo``: it runs every notebook in ``notebooks/`` in
+``make demo`` calls ``python -m capret_utils.runs.demo --out runs/demo``: it runs every notebook in ``notebooks/`` in
 order on the embedded default (the synthetic benchmark, generated on first use), chaining outputs (02's
 ``captions.jsonl`` feeds 03 and 04; 03's checkpoint feeds 04), then prints where the outputs and metrics are
 and the variant table of the retrieval run. ``--smoke`` runs the same chain in smoke mode (tiny data, tiny
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from capret_utils import sweep
-from capret_utils.paths import repo_root
+from capret_utils.common import repo_root
+from capret_utils.runs import sweep
 
 VARIANTS_FILE = "variants.csv"
 
@@ -100,7 +100,7 @@ def report(out: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m capret_utils.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m capret_utils.runs.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(repo_root() / "runs" / "demo"), help="output folder")
     parser.add_argument("--smoke", action="store_true", help="tiny data and models (what CI runs)")
     parser.add_argument("--data-root", default="", help="DeepFashion2-format data root (default: synthetic)")

@@ -1,9 +1,9 @@
 """Retrieval analysis for notebook 04: run the embedding variants, assemble the variant table, per-attribute
 breakdowns, the error-gallery data, the "right category, wrong item" share and the sweep summaries.
 
-A **variant** is one way to embed queries and gallery, evaluated by :mod:`capret_utils.metrics` (exact hit@k and
+A **variant** is one way to embed queries and gallery, evaluated by :mod:`capret_utils.evaluation.metrics` (exact hit@k and
 full-ranking mAP) and, for item-level variants, also by the official DeepFashion2 top-k protocol
-(:mod:`capret_utils.df2_eval`, through the official results format):
+(:mod:`capret_utils.evaluation.df2_eval`, through the official results format):
 
 * ``image``: whole photos, image-level retrieval (query = user image with >= 1 style>0 item, gallery = shop
   images, relevant when they share an identity);
@@ -15,7 +15,7 @@ full-ranking mAP) and, for item-level variants, also by the official DeepFashion
   candidate gallery crop).
 
 Each runs for every model given (``fine-tuned`` and ``zero-shot``); the row name is ``"<model>/<variant>"``.
-Embeddings are computed by :mod:`capret_utils.embed` and cached in the run folder (``embeddings/``), so a killed
+Embeddings are computed by :mod:`capret_utils.evaluation.embed` and cached in the run folder (``embeddings/``), so a killed
 run keeps what it finished. Nothing here re-implements search or scoring.
 """
 
@@ -31,8 +31,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from capret_utils import df2_eval, embed, metrics
-from capret_utils.runs import atomic_path
+from capret_utils.common import atomic_path, resolve_device
+from capret_utils.evaluation import df2_eval, embed, metrics
 
 KS: tuple[int, ...] = (1, 5, 10, 15, 20)
 TABLE_KS: tuple[int, ...] = (1, 5, 10, 20)
@@ -116,7 +116,7 @@ def zero_shot_of(finetuned: embed.ModelBundle, device: str = "auto") -> embed.Mo
         model.set_attn_implementation("sdpa")
     else:
         model, _, _ = train.build_model(tcfg, [])
-    model.to(train.resolve_device(device)).eval()
+    model.to(resolve_device(device)).eval()
     info = {**finetuned.info, "zero_shot_of": tcfg.model}
     return embed.ModelBundle(model=model, tokenizer=finetuned.tokenizer, processor=finetuned.processor, info=info)
 
@@ -131,7 +131,7 @@ def fresh_bundle(model: str, seed: int, texts: Sequence[str], device: str = "aut
 
     tcfg = train.TrainConfig(model=model, seed=seed)
     net, tokenizer, source = train.build_model(tcfg, texts)
-    net.to(train.resolve_device(device)).eval()
+    net.to(resolve_device(device)).eval()
     res = int(net.config.image_res)
     return embed.ModelBundle(model=net, tokenizer=tokenizer,
                              processor=X2VLMImageProcessor(ImageSettings(image_res=res)),
@@ -360,9 +360,9 @@ def official_topk(queries: pd.DataFrame, gallery: pd.DataFrame, indices: np.ndar
                   out_dir: str | os.PathLike | None = None, name: str = "results") -> dict[str, float]:
     """The official DeepFashion2 top-k of an item ranking, through the official files: GT query/gallery JSON of the
     split and this ranking as a results JSON (query/gallery boxes = the views' boxes, GT or predicted)."""
-    from capret_utils import df2
-
     import tempfile
+
+    from capret_utils.data import df2
 
     tmp = None
     if out_dir is None:
@@ -501,7 +501,7 @@ def breakdown(per_query: pd.DataFrame, items: pd.DataFrame, attribute: str,
               metrics_: Sequence[str] = ("hit@1", "hit@10", "ap")) -> pd.DataFrame:
     """Mean of ``metrics_`` per (variant, attribute value) over evaluated item-level queries, with ``n`` and a
     readable ``label`` (e.g. occlusion 3 -> "heavy")."""
-    from capret_utils.plots import ATTRIBUTE_LABELS
+    from capret_utils.viz.plots import ATTRIBUTE_LABELS
 
     joined = with_attributes(per_query, items, (attribute,))
     joined = joined[joined["n_relevant"] > 0]
@@ -557,7 +557,7 @@ def write_fiftyone(dataset: Any, per_query: pd.DataFrame, table: pd.DataFrame, k
                    compare: Sequence[tuple[str, str]] = ()) -> dict[str, int]:
     """Attach every variant's per-query results to ``dataset`` and save the failure views; returns
     ``{saved view name: number of samples/patches}``."""
-    from capret_utils import fo as cfo
+    from capret_utils.viz import fo as cfo
 
     views: dict[str, int] = {}
     levels = dict(zip(table["name"], table["level"]))
@@ -592,8 +592,8 @@ def default_comparisons(table: pd.DataFrame, variant: str = "crop") -> list[tupl
 
 def find_sweep_summaries(spec: str, runs_dir: str | os.PathLike | None = None) -> list[Path]:
     """``spec`` = a summary.csv, a sweep folder, ``""`` (every ``runs/*/summary.csv``) or ``"none"``."""
-    from capret_utils import paths
-    from capret_utils.sweep import SUMMARY_FILE
+    from capret_utils.runs import paths
+    from capret_utils.runs.sweep import SUMMARY_FILE
 
     if str(spec).strip().lower() == "none":
         return []
@@ -602,7 +602,7 @@ def find_sweep_summaries(spec: str, runs_dir: str | os.PathLike | None = None) -
         path = path / SUMMARY_FILE if path.is_dir() else path
         if not path.is_file():
             raise FileNotFoundError(f"sweep_summary {spec!r}: {path} does not exist (a summary.csv written by "
-                                    f"python -m capret_utils.sweep, or its folder)")
+                                    f"python -m capret_utils.runs.sweep, or its folder)")
         return [path]
     root = Path(runs_dir) if runs_dir else paths.repo_root() / "runs"
     return sorted(root.glob(f"*/{SUMMARY_FILE}"))

@@ -21,7 +21,7 @@ Lists of any length L >= 1 are accepted (the official script needs exactly 20 fo
 challenge used 10): for k > L, top-k equals top-L, because there are no further entries to hit. Records
 may even have different lengths.
 
-CLI: ``python -m capret_utils.df2_eval RESULTS.json QUERY_GT.json GALLERY_GT.json`` prints
+CLI: ``python -m capret_utils.evaluation.df2_eval RESULTS.json QUERY_GT.json GALLERY_GT.json`` prints
 ``{"top1": ..., "top5": ..., "top10": ..., "top15": ..., "top20": ...}``.
 
 Writers (:func:`results_records`, :func:`gt_box_results`, :func:`detection_results`) turn our rankings into
@@ -434,7 +434,7 @@ def detection_results(query_dets: pd.DataFrame, gallery_dets: pd.DataFrame, indi
 
 def write_results(path: str | os.PathLike, records: list[dict]) -> Path:
     """Write a results list as compact JSON (atomic: temp file + rename)."""
-    from capret_utils.runs import write_text_atomic
+    from capret_utils.common import write_text_atomic
 
     return write_text_atomic(path, json.dumps(records, separators=(",", ":")))
 
@@ -444,7 +444,7 @@ def write_results(path: str | os.PathLike, records: list[dict]) -> Path:
 # ----------------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m capret_utils.df2_eval",
+        prog="python -m capret_utils.evaluation.df2_eval",
         description="DeepFashion2 consumer-to-shop top-k accuracy (official protocol, any list length >= 1; "
                     "top-k for k beyond a list's length equals top-length).")
     parser.add_argument("results", help="results JSON (list of query_image_id/query_bbox/query_cls/"

@@ -2,7 +2,7 @@
 
 No notebook computes a path by hand. The data root is, in order: the notebook's ``data_root`` parameter,
 the ``CAPRET_DATA`` environment variable, or the embedded default, a synthetic DeepFashion2-format
-benchmark under ``<repo>/data/`` that is generated on first use (``capret_utils.synth``).
+benchmark under ``<repo>/data/`` that is generated on first use (``capret_utils.data.synth``).
 """
 
 from __future__ import annotations
@@ -11,13 +11,11 @@ import datetime as _dt
 import os
 from pathlib import Path
 
+from capret_utils.common import repo_root  # noqa: F401 - re-exported: paths.repo_root() in notebooks
+from capret_utils.data import synth
+from capret_utils.data.df2 import SPLITS
+
 ENV_DATA = "CAPRET_DATA"
-SPLITS = ("train", "validation")
-
-
-def repo_root() -> Path:
-    """The checkout this package is installed from (``pip install -e .``)."""
-    return Path(__file__).resolve().parent.parent
 
 
 def default_data_root(smoke: bool = False) -> Path:
@@ -43,8 +41,6 @@ def data_root(data_root: str | os.PathLike | None = None, smoke: bool = False) -
                 f"{root}/validation/annos (and/or train/) in the DeepFashion2 layout"
             )
         return root
-    from capret_utils import synth  # lazy: only the default needs the generator
-
     root = default_data_root(smoke)
     synth.ensure_benchmark(root, synth.SynthConfig.smoke() if smoke else synth.SynthConfig.demo())
     return root

@@ -1,11 +1,11 @@
 """The embedded default data: a synthetic benchmark in the exact DeepFashion2 layout and schema.
 
 ``generate(out_dir, config)`` writes ``<out>/{train,validation}/{image,annos}/NNNNNN.{jpg,json}`` (read unchanged
-by :func:`capret_utils.df2.load_items`), ``<out>/<split>/attributes.jsonl`` (per item: ``key``, ``colour``,
+by :func:`capret_utils.data.df2.load_items`), ``<out>/<split>/attributes.jsonl`` (per item: ``key``, ``colour``,
 ``colour_rgb``, ``pattern``, ``pattern_colour`` — ground truth the DeepFashion2 schema has no field for) and
 ``<out>/synth.json`` (config + counts, written last). :func:`ensure_benchmark` generates only when needed, into a
 temporary sibling folder renamed into place under a lock file, so a killed run never leaves a half benchmark
-that looks complete and two processes can call it at once. CLI: ``python -m capret_utils.synth --out DIR``.
+that looks complete and two processes can call it at once. CLI: ``python -m capret_utils.data.synth --out DIR``.
 
 What is drawn (all with PIL, in the 13 DeepFashion2 category silhouettes):
 
@@ -50,7 +50,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from capret_utils.df2 import CATEGORY_NAMES, LANDMARK_COUNTS
+from capret_utils.data.df2 import CATEGORY_NAMES, LANDMARK_COUNTS
 
 SYNTH_VERSION = 2
 """Bumped whenever the generator's output changes; a recorded different version triggers regeneration."""
@@ -1049,7 +1049,7 @@ def _generate_locked(root: Path, config: SynthConfig, workers: int | None, progr
     t0 = time.perf_counter()
     try:
         counts = _write_tree(tmp, config, workers, show)
-        marker = {"generator": "capret_utils.synth", "version": SYNTH_VERSION, "config": config.to_json(),
+        marker = {"generator": "capret_utils.data.synth", "version": SYNTH_VERSION, "config": config.to_json(),
                   "counts": counts}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # written last: completion marker
         old = None
@@ -1112,7 +1112,7 @@ def read_attributes(split_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m capret_utils.synth",
+    p = argparse.ArgumentParser(prog="python -m capret_utils.data.synth",
                                 description="Generate the synthetic DeepFashion2-format benchmark.")
     p.add_argument("--out", required=True, help="output folder (becomes <out>/{train,validation}/, synth.json)")
     p.add_argument("--preset", choices=("demo", "smoke"), default="demo", help="base configuration")

@@ -1,0 +1,87 @@
+"""Plumbing every stage shares: the repository root, atomic file writes, JSON conversion and the device resolver.
+
+This module imports nothing from ``capret_utils`` (it sits below every stage package), so any stage can use it
+without creating an import cycle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+if TYPE_CHECKING:
+    import torch
+
+
+def repo_root() -> Path:
+    """The checkout this package is installed from (``pip install -e .``)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def resolve_device(device: str = "auto") -> "torch.device":
+    """``"auto"`` -> CUDA when torch sees a GPU, else CPU; any other torch device string is checked and returned.
+
+    Raises ``RuntimeError`` when a CUDA device is asked for and torch sees none.
+    """
+    import torch
+
+    if device in ("auto", "", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but torch sees no CUDA GPU")
+    return dev
+
+
+def jsonable(value: Any) -> Any:
+    """Convert numpy / torch / Path values into plain JSON types; NaN and inf become None."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    elif hasattr(value, "tolist"):
+        return jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block ends without error, rename it onto ``path`` (readers
+    never see a torn file). ``with atomic_path(out) as tmp: frame.to_csv(tmp)``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as indented JSON atomically."""
+    return write_text_atomic(path, json.dumps(jsonable(data), indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())

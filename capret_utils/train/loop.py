@@ -1,0 +1,372 @@
+"""The fine-tuning loop: optimizer and schedule, ``train_step``, ``evaluate``, and :func:`finetune`, which builds the
+loader and the criterion once, trains, evaluates, checkpoints and resumes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from capret_utils.data import loader as D
+from capret_utils.data.df2 import CATEGORY_NAMES
+from capret_utils.evaluation import embed as E
+from capret_utils.train import losses as L
+from capret_utils.train.checkpoint import (
+    latest_train_state,
+    load_train_state,
+    save_finetuned,
+    save_train_state,
+    write_history,
+)
+from capret_utils.train.config import (
+    CHECKPOINT_DIR,
+    EVAL_KS,
+    HEAD_NAMES,
+    HEADLINE,
+    STATE_DIR,
+    TrainConfig,
+)
+from capret_utils.train.criterion import compute_losses
+from capret_utils.train.model import TrainSetup
+from capret_utils.x2vlm import (
+    LoraSettings,
+    apply_lora,
+    merge_lora,
+    trainable_parameters,
+)
+
+# ------------------------------------------------------------------------------------------ runtime helpers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate(bundle: E.ModelBundle, items: pd.DataFrame, config: TrainConfig | None = None,
+             store: D.ImageStore | None = None, image_level: bool = False, progress: bool = False,
+             ) -> dict[str, Any]:
+    """Item-level retrieval metrics on a split (official sets): hit@k for k in 1, 5, 10, 15, 20 and mAP.
+
+    The view follows ``config.use_boxes`` (item crops, or whole photos for every item); with ``image_level`` also
+    image-level metrics (whole photos) under ``"image_level"``.
+    """
+    from capret_utils.evaluation import metrics
+
+    config = config or TrainConfig()
+    view = "crop" if config.use_boxes else "image"
+    ecfg = E.EmbedConfig(view=view, context=config.context, batch_size=128, bf16=config.bf16, progress=progress)
+    store = store or bundle.store(cache=True)
+    queries, gallery = metrics.item_sets(items)
+    _, q = E.embed_items(queries, bundle, ecfg, store=store)
+    _, g = E.embed_items(gallery, bundle, ecfg, store=store)
+    res = metrics.evaluate_items(q, g, queries, gallery, ks=EVAL_KS,
+                                 config=metrics.EvalConfig(progress=False, device="cpu"))
+    out = {k: float(res.metrics[k]) for k in [f"top{k}" for k in EVAL_KS] + ["mAP"]}
+    out["n_queries"], out["n_gallery"] = int(res.metrics["n_evaluated"]), int(res.metrics["n_gallery"])
+    if image_level:
+        qi, gi = metrics.image_sets(items)
+        _, qe = E.embed_images(qi, bundle, ecfg, store=store)
+        _, ge = E.embed_images(gi, bundle, ecfg, store=store)
+        r2 = metrics.evaluate_images(qe, ge, qi, gi, ks=EVAL_KS,
+                                     config=metrics.EvalConfig(progress=False, device="cpu"))
+        out["image_level"] = {k: float(r2.metrics[k]) for k in [f"top{k}" for k in EVAL_KS] + ["mAP"]}
+    return out
+
+
+def headline(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The five numbers notebook 03 reports: top1, top5, top10, top20, mAP."""
+    return {k: float(metrics[k]) for k in HEADLINE}
+
+
+# ------------------------------------------------------------------------------------------ optimisation
+
+
+def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower() or name.endswith("temp")
+
+
+def build_arcfaces(config: TrainConfig, num_identities: int, embed_dim: int) -> tuple[L.ArcFace, L.ArcFace | None]:
+    """The identity ArcFace (``margin``) and, when ``w_category`` is on, the category ArcFace (``category_margin``),
+    both with ``scale``."""
+    arcface = L.ArcFace(num_identities, embed_dim, config.margin, config.scale)
+    category = (L.ArcFace(len(CATEGORY_NAMES), embed_dim, config.category_margin, config.scale)
+                if config.weights().category else None)
+    return arcface, category
+
+
+def build_optimizer(model: torch.nn.Module, arcface: L.ArcFace, config: TrainConfig,
+                    category: L.ArcFace | None = None) -> torch.optim.AdamW:
+    """AdamW (betas 0.9 / 0.98, eps 1e-8 as the official optim.py) with groups: backbone decay / no decay,
+    heads (``head_lr_mult``) decay / no decay, ArcFace class weights of the identities and, when given, of the
+    categories (``lr_arcface``, no decay)."""
+    groups: dict[str, dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        head = any(f"{h}." in name or name.startswith(h) for h in HEAD_NAMES)
+        key = ("head" if head else "body") + ("_nd" if _no_decay(name, param) else "")
+        g = groups.setdefault(key, {"params": [], "lr": config.lr * (config.head_lr_mult if head else 1.0),
+                                    "weight_decay": 0.0 if key.endswith("_nd") else config.weight_decay,
+                                    "name": key})
+        g["params"].append(param)
+    heads = [arcface] if config.w_arcface or config.w_arcface_fused else []
+    if category is not None:
+        heads.append(category)
+    if heads:
+        groups["arcface"] = {"params": [p for h in heads for p in h.parameters()], "lr": config.lr_arcface,
+                             "weight_decay": 0.0, "name": "arcface"}
+    ordered = [groups[k] for k in ("body", "body_nd", "head", "head_nd", "arcface") if k in groups]
+    return torch.optim.AdamW(ordered, betas=(0.9, 0.98), eps=1e-8)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, config: TrainConfig
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` × steps, then cosine or linear decay to 0 at ``total_steps``."""
+    warm = int(round(config.warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        progress = (step - warm) / max(1, total_steps - warm)
+        progress = min(max(progress, 0.0), 1.0)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1 - progress
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def total_steps_for(config: TrainConfig, batches_per_epoch: int) -> int:
+    if config.max_steps > 0:
+        return int(config.max_steps)
+    return max(1, (config.epochs * batches_per_epoch) // config.grad_accum)
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` returns."""
+
+    bundle: E.ModelBundle  # the fine-tuned (merged, eval-mode) model
+    history: pd.DataFrame  # per-step losses and the evaluations
+    metrics: dict[str, Any]  # final validation metrics (None when no val_items)
+    checkpoint: Path  # <run_dir>/checkpoint
+    steps: int
+    train_seconds: float  # wall time spent in training steps (this process and resumed ones)
+    resumed_from: int | None  # optimizer step the run resumed from
+    info: dict[str, Any]
+
+
+def _log_row(step: int, epoch: int, terms: Mapping[str, float], loss: float, lr: float, temp: float,
+             elapsed: float) -> dict[str, Any]:
+    return {"kind": "train", "step": step, "epoch": epoch, "loss": loss, **{f"loss_{k}": v for k, v in terms.items()},
+            "lr": lr, "temp": temp, "elapsed_s": round(elapsed, 3)}
+
+
+def finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataFrame | None = None,
+             callback: Callable[[dict[str, Any]], None] | None = None, stop_after: int | None = None,
+             ) -> FinetuneResult:
+    """Train ``setup.bundle.model`` with the configured losses; evaluate on ``val_items`` every ``eval_every``
+    steps and at the end; checkpoint every ``ckpt_every`` steps and at the end; resume when asked.
+
+    ``callback(row)`` receives every history row (train rows every step, eval rows after each evaluation), e.g. to
+    update a live plot. ``stop_after`` ends the loop after that many optimizer steps *in this call* without
+    saving the final model (tests use it to simulate an interruption).
+    """
+    on_cpu = setup.bundle.device.type == "cpu"
+    with deterministic_algorithms(setup.config.deterministic and on_cpu):
+        return _finetune(setup, run_dir, val_items, callback, stop_after)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True, warn_only=True)`` inside the block when ``enabled``; the previous
+    setting is restored afterwards."""
+    before = torch.are_deterministic_algorithms_enabled()
+    before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=before_warn)
+
+
+def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataFrame | None,
+              callback: Callable[[dict[str, Any]], None] | None, stop_after: int | None) -> FinetuneResult:
+    config, bundle = setup.config, setup.bundle
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = bundle.device
+    weights = config.weights()
+    base = bundle.model
+    mode = config.mode
+    peft_model = None
+    if mode == "lora":
+        peft_model = apply_lora(base, LoraSettings(r=config.lora_r, alpha=config.lora_alpha,
+                                                   dropout=config.lora_dropout,
+                                                   trainable_heads=tuple(h for h in HEAD_NAMES
+                                                                         if getattr(base, h, None) is not None)))
+        train_module: torch.nn.Module = peft_model
+        net = peft_model.get_base_model()
+    else:
+        train_module = net = base
+        for p in net.parameters():
+            p.requires_grad_(True)
+    net.train()
+    counts = trainable_parameters(train_module)
+    arcface, category = build_arcfaces(config, len(setup.classes), int(net.config.embed_dim))
+    arcface = arcface.to(device)
+    category = category.to(device) if category is not None else None
+    sampler = D.PKBatchSampler(setup.labels, setup.data_config.identities_per_batch, config.per_identity,
+                               seed=config.seed)
+    total = total_steps_for(config, len(sampler))
+    optimizer = build_optimizer(train_module, arcface, config, category)
+    scheduler = build_scheduler(optimizer, total, config)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    collate = D.Collator(bundle.tokenizer, box_source=setup.dataset)
+    history: list[dict[str, Any]] = []
+    step, train_seconds, resumed_from = 0, 0.0, None
+    digest = config.trajectory_digest(net.config)
+    val_store = bundle.store(cache=True)
+    if config.resume and (latest := latest_train_state(run_dir)) is not None:
+        saved_digest = json.loads((latest / "state.json").read_text()).get("digest")
+        if saved_digest != digest:
+            raise ValueError(f"{latest} was written with another training configuration or model architecture "
+                             f"(digest {saved_digest} vs {digest}); use a new run_dir or resume=False")
+        state = load_train_state(latest, train_module, arcface, optimizer, scheduler, sampler, generator, category)
+        step, train_seconds, history = int(state["step"]), float(state["train_seconds"]), list(state["history"])
+        resumed_from = step
+    elif not config.resume and (run_dir / STATE_DIR).exists():
+        shutil.rmtree(run_dir / STATE_DIR)
+
+    def state_blob() -> dict[str, Any]:
+        return {"digest": digest, "train_seconds": train_seconds, "history": history, "total_steps": total,
+                "config": asdict(config)}
+
+    def run_eval(at_step: int) -> dict[str, Any] | None:
+        if val_items is None:
+            return None
+        net.eval()
+        res = evaluate(bundle if mode == "full" else E.ModelBundle(net, bundle.tokenizer, bundle.processor,
+                                                                   bundle.info),
+                       val_items, config, store=val_store, image_level=config.eval_image_level)
+        net.train()
+        row = {"kind": "eval", "step": at_step, **{k: v for k, v in res.items() if not isinstance(v, dict)}}
+        if "image_level" in res:
+            row.update({f"image_{k}": v for k, v in res["image_level"].items()})
+        history.append(row)
+        if callback:
+            callback(row)
+        return res
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=step, desc=f"fine-tune ({mode})", disable=not config.progress, unit="step")
+    done_here = 0
+    loader_epoch = sampler.epoch
+    batches: Any = None
+    last_eval: dict[str, Any] | None = None
+    while step < total and (stop_after is None or done_here < stop_after):
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        loss_sum = 0.0
+        for _ in range(config.grad_accum):
+            batch = None
+            while batch is None:
+                if batches is None:
+                    sampler.set_epoch(loader_epoch)
+                    # a private generator: creating a loader iterator draws a worker seed, and drawing it from
+                    # the global RNG would shift dropout after a mid-epoch resume (augmentation is seeded per sample)
+                    batches = iter(torch.utils.data.DataLoader(setup.dataset, batch_sampler=sampler,
+                                                               collate_fn=collate, num_workers=config.num_workers,
+                                                               generator=torch.Generator().manual_seed(config.seed)))
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    batches, loader_epoch = None, loader_epoch + 1
+            sampler.advance()
+            terms = compute_losses(net, arcface, batch, weights, generator, config.box_fraction, device, config.bf16,
+                                   config.itm_share, category, config.category_recolour, config.category_views)
+            loss = L.total_loss(terms, weights, step + 1) / config.grad_accum
+            loss.backward()
+            loss_sum += float(loss.detach())
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / config.grad_accum
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if config.clip_grad:
+            norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad)
+            if not torch.isfinite(norm):
+                raise L.NonFiniteLossError(step + 1, {"grad_norm": float(norm)})
+        optimizer.step()
+        scheduler.step()
+        net.clamp_temp_()
+        step += 1
+        done_here += 1
+        train_seconds += time.perf_counter() - t0
+        row = _log_row(step, sampler.epoch, sums, loss_sum, optimizer.param_groups[0]["lr"], net.temp.item(),
+                       train_seconds)
+        history.append(row)
+        if callback:
+            callback(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.3f}", epoch=sampler.epoch)
+        if config.eval_every and step % config.eval_every == 0 and step < total:
+            last_eval = run_eval(step)
+        if step % config.ckpt_every == 0 or step == total:
+            save_train_state(run_dir, step, train_module, arcface, optimizer, scheduler, sampler, generator,
+                             state_blob(), config.keep_checkpoints, category)
+            write_history(run_dir, history)
+    bar.close()
+    if stop_after is not None and step < total:
+        write_history(run_dir, history)
+        return FinetuneResult(bundle, pd.json_normalize(history), {}, run_dir / CHECKPOINT_DIR, step, train_seconds,
+                              resumed_from, {})
+    # final evaluation (skipped when a finished run is re-entered and its last row already is the final eval)
+    final_eval = next((r for r in reversed(history) if r.get("kind") == "eval" and r["step"] == total), None)
+    if final_eval is None:
+        last_eval = run_eval(total)
+        save_train_state(run_dir, total, train_module, arcface, optimizer, scheduler, sampler, generator,
+                         state_blob(), config.keep_checkpoints, category)
+    else:
+        last_eval = {k: v for k, v in final_eval.items() if k not in ("kind", "step")}
+    write_history(run_dir, history)
+    final_model = merge_lora(peft_model) if peft_model is not None else net
+    final_model.eval()
+    for p in final_model.parameters():
+        p.requires_grad_(False)
+    final_bundle = E.ModelBundle(final_model, bundle.tokenizer, bundle.processor, dict(bundle.info))
+    info = {"config": asdict(config), "finetune_mode": mode, "source": setup.source, "identity_classes": setup.classes,
+            "steps": step, "total_steps": total, "train_seconds": round(train_seconds, 2),
+            "trainable_parameters": counts, "metrics": last_eval, "arcface_margin_rad": config.margin,
+            "arcface_margin_deg": math.degrees(config.margin), "category_margin_rad": config.category_margin,
+            "resumed_from": resumed_from}
+    final_bundle.info.update({k: v for k, v in info.items() if k in ("config", "finetune_mode", "identity_classes")})
+    ckpt = save_finetuned(final_bundle, run_dir / CHECKPOINT_DIR, arcface, info, category)
+    return FinetuneResult(final_bundle, pd.json_normalize(history), last_eval or {}, ckpt, step, train_seconds,
+                          resumed_from, info)
+
+
+
+def suppress_known_warnings() -> None:
+    """Silence third-party warnings that say nothing about this run (peft on custom models, PML stats)."""
+    warnings.filterwarnings("ignore", message=".*Unable to fetch remote file.*")
+    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
