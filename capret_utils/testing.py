@@ -15,11 +15,6 @@ from typing import (
     Any,
 )
 
-try:  # POSIX advisory lock: one writer per store
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
-
 from capret_utils.captions.dialogue import (
     _OCCLUSION,
     _SCALE,

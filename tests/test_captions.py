@@ -448,7 +448,7 @@ def test_phi3_mini_preset_has_the_real_parameter_count():
 
 def test_crop_views(items):
     row = items.iloc[0].to_dict()
-    views = C.load_views([row], "crop", margin=0.1)
+    views = C.load_views([row], "crop", context=0.1)
     w, h = row["x2"] - row["x1"], row["y2"] - row["y1"]
     assert abs(views[0].image.size[0] - min(row["width"], w * 1.2)) <= 2
     assert abs(views[0].image.size[1] - min(row["height"], h * 1.2)) <= 2

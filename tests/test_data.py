@@ -105,7 +105,7 @@ def test_dataset_samples_are_deterministic_per_seed(train_items):
     assert s0["label"] == -1 and s0["itc_id"] == -1
     # an int index = evaluation preprocessing of the stored crop
     ev = ds[3]
-    ref, _ = ds.processor.process_one(ds.store.crop(ds.rows[3], 0.1), train=False)
+    ref, _ = ds.processor.process_one(ds.store.crop(ds.rows[3], ds.config.context), train=False)
     assert np.array_equal(ev["pixel_values"].numpy(), ref)
 
 

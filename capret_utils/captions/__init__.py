@@ -99,7 +99,6 @@ from capret_utils.captions.template import (  # noqa: F401
 )
 from capret_utils.captions.views import (  # noqa: F401
     ItemView,
-    item_crop_box,
     load_views,
 )
 from capret_utils.captions.vqa import (  # noqa: F401

@@ -18,13 +18,9 @@ from typing import (
     runtime_checkable,
 )
 
-try:  # POSIX advisory lock: one writer per store
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
-
 from capret_utils.captions.template import _TEMPLATE_FIELDS, template_caption
 from capret_utils.captions.views import ItemView, load_views
+from capret_utils.data.boxes import CROP_CONTEXT
 
 # -------------------------------------------------------------------------------------- prompts (paraphrased)
 
@@ -432,7 +428,7 @@ class DialogueConfig:
     rounds: int = 10  # questions per item, the fixed first one included
     first_question: str = FIRST_QUESTION
     view: str = "crop"  # what the answerer sees: "crop" (GT box + margin) or "image" (the whole photo)
-    crop_margin: float = 0.1  # context around the box, fraction of box width/height per side
+    crop_context: float = CROP_CONTEXT  # context around the box, fraction of box width/height per side
     filter_answers: bool = True  # drop no / not sure / don't know / empty answers from the summary
     dedupe_questions: bool = True  # do not re-ask a question already asked in this dialogue
 
@@ -515,7 +511,7 @@ class DialogueCaptioner:
 
     def caption_batch(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         cfg = self.config
-        views = load_views(rows, cfg.view, cfg.crop_margin, with_images=self.answerer.needs_images)
+        views = load_views(rows, cfg.view, cfg.crop_context, with_images=self.answerer.needs_images)
         turns, captions = self.dialogues(views)
         return [{
             "key": v.key, "caption": c, "method": self.method, "questioner": self.questioner.name,

@@ -6,13 +6,6 @@ from typing import (
     Any,
 )
 
-try:  # POSIX advisory lock: one writer per store
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
-
-
-
 # ------------------------------------------------------------------------------------- HF loading helpers
 
 

@@ -10,11 +10,6 @@ from typing import (
     Sequence,
 )
 
-try:  # POSIX advisory lock: one writer per store
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
-
 from capret_utils.captions.dialogue import (
     NEXT_QUESTION_INSTRUCTION,
     NO_ANSWER,

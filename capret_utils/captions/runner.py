@@ -16,11 +16,6 @@ from typing import (
 
 import pandas as pd
 
-try:  # POSIX advisory lock: one writer per store
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
-
 from capret_utils.captions.dialogue import (
     Answerer,
     AttributeAnswerer,

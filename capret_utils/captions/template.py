@@ -12,13 +12,6 @@ import pandas as pd
 
 from capret_utils.data.df2 import CAPTION_MODES
 
-try:  # POSIX advisory lock: one writer per store
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
-
-
-
 # ------------------------------------------------------------------------------------------ template captions
 
 VIEWPOINT_WORDS: dict[int, str] = {1: "not worn", 2: "frontal", 3: "side or back"}

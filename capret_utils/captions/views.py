@@ -9,11 +9,7 @@ from typing import (
     Sequence,
 )
 
-try:  # POSIX advisory lock: one writer per store
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
-
+from capret_utils.data.boxes import CROP_CONTEXT, crop_box
 
 
 @dataclass
@@ -28,25 +24,7 @@ class ItemView:
 # ------------------------------------------------------------------------------------------ images / views
 
 
-def item_crop_box(row: Mapping[str, Any], margin: float, size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """The item's GT box grown by ``margin`` × its width/height on each side, clamped to the image (pixels)."""
-    w_img, h_img = size
-    try:
-        x1, y1, x2, y2 = (float(row[k]) for k in ("x1", "y1", "x2", "y2"))
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"item {row.get('key', '?')}: box fields x1 y1 x2 y2 missing or not numbers") from None
-    bw, bh = x2 - x1, y2 - y1
-    if not (bw > 0 and bh > 0):
-        raise ValueError(f"item {row.get('key', '?')}: empty box [{x1}, {y1}, {x2}, {y2}] in {row.get('path')}")
-    box = (max(0, int(x1 - margin * bw)), max(0, int(y1 - margin * bh)),
-           min(w_img, int(round(x2 + margin * bw))), min(h_img, int(round(y2 + margin * bh))))
-    if box[2] - box[0] < 1 or box[3] - box[1] < 1:
-        raise ValueError(f"item {row.get('key', '?')}: box [{x1}, {y1}, {x2}, {y2}] lies outside the "
-                         f"{w_img}x{h_img} image {row.get('path')}")
-    return box
-
-
-def load_views(rows: Sequence[Mapping[str, Any]], view: str = "crop", margin: float = 0.1,
+def load_views(rows: Sequence[Mapping[str, Any]], view: str = "crop", context: float = CROP_CONTEXT,
                with_images: bool = True) -> list[ItemView]:
     """Item views for a batch: each image file is opened once; ``view`` is ``"crop"`` (GT box + margin) or
     ``"image"`` (the whole photo)."""
@@ -70,7 +48,7 @@ def load_views(rows: Sequence[Mapping[str, Any]], view: str = "crop", margin: fl
                 raise ValueError(f"item {r.get('key')}: cannot read image {path}: {exc}") from None
         image = cache[path]
         if view == "crop":
-            image = image.crop(item_crop_box(r, margin, image.size))
+            image = image.crop(crop_box(r, context, *image.size))
         views.append(ItemView(str(r["key"]), r, image))
     return views
 

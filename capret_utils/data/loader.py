@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from capret_utils.data.boxes import CROP_CONTEXT, crop_box  # noqa: F401 - crop_box re-exported: D.crop_box
 from capret_utils.data.df2 import CAPTION_MODES, CATEGORY_NAMES, identity_key
 from capret_utils.x2vlm.processing import (
     ImageSettings,
@@ -53,7 +54,7 @@ class DataConfig:
 
     image_res: int = 64  # square input side of the model, pixels
     view: str = "crop"  # "crop": GT box + context margin | "image": the whole photo
-    context: float = 0.1  # crop margin on each side, as a fraction of the box width / height
+    context: float = CROP_CONTEXT  # crop context on each side, as a fraction of the box width / height
     use_captions: str = "none"  # text per item: "none" (category name) | "template" | "dialogue" (caption store)
     box_task: bool = True  # also return the whole photo + item box for the box head
     # 0: every sample carries its whole-photo box view; n > 0: only the first n samples of a batch need one (the
@@ -138,23 +139,6 @@ def text_ids(texts: Sequence[str], tokenizer: X2VLMTokenizer | None = None) -> n
 
 
 # ------------------------------------------------------------------------------------------ pixels
-
-
-def crop_box(row: Mapping[str, Any], context: float, width: int, height: int) -> tuple[int, int, int, int]:
-    """The item box grown by ``context`` × its width / height on each side, clamped to the image, as integer
-    pixel corners (left, top, right, bottom); at least 1 × 1."""
-    x1, y1, x2, y2 = (float(row[k]) for k in ("x1", "y1", "x2", "y2"))
-    bw, bh = x2 - x1, y2 - y1
-    if not (bw > 0 and bh > 0):
-        raise ValueError(f"item {row.get('key', '?')}: empty box [{x1}, {y1}, {x2}, {y2}] in {row.get('path')}")
-    left = int(np.floor(max(0.0, x1 - context * bw)))
-    top = int(np.floor(max(0.0, y1 - context * bh)))
-    right = int(np.ceil(min(float(width), x2 + context * bw)))
-    bottom = int(np.ceil(min(float(height), y2 + context * bh)))
-    if right - left < 1 or bottom - top < 1:
-        raise ValueError(f"item {row.get('key', '?')}: box [{x1}, {y1}, {x2}, {y2}] lies outside the "
-                         f"{width}x{height} image {row.get('path')}")
-    return left, top, right, bottom
 
 
 def _open(path: str, key: str) -> Image.Image:

@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from capret_utils.data.boxes import CROP_CONTEXT
 from capret_utils.data.loader import ImageStore
 from capret_utils.x2vlm import X2VLMImageProcessor, X2VLMModel, X2VLMTokenizer
 
@@ -107,7 +108,7 @@ def _bar(total: int, desc: str, show: bool):
 
 
 def _context(bundle: ModelBundle, config: EmbedConfig) -> float:
-    return float(config.context if config.context is not None else bundle.info.get("context", 0.1))
+    return float(config.context if config.context is not None else bundle.info.get("context", CROP_CONTEXT))
 
 
 def _pixels(bundle: ModelBundle, images: Sequence[Any]) -> torch.Tensor:
