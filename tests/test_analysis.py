@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from _items_fixture import make_items
 
+from capret_utils import common
+from capret_utils.common import repo_root
 from capret_utils.evaluation import analysis, metrics
 from capret_utils.runs import sweep
-from capret_utils.common import repo_root
-from _items_fixture import make_items
 
 
 @pytest.fixture(scope="module")
@@ -152,10 +152,10 @@ def test_headline_and_metrics_dict():
          "top5": 0.7, "top10": 0.8, "top20": 0.9, "mAP": 0.6, "official_top1": float("nan")},
         {"name": "zero-shot/crop", "model": "zero-shot", "variant": "crop", "level": "item", "top1": 0.1,
          "top5": 0.2, "top10": 0.3, "top20": 0.4, "mAP": 0.15, "official_top1": 0.1}])
-    head = analysis.headline(table)
+    head = analysis.zero_shot_vs_finetuned(table)
     assert head["finetuned_minus_zero_shot"]["mAP"] == pytest.approx(0.45)
     assert head["best_variant"]["name"] == "fine-tuned/crop"
-    out = analysis.json_safe(analysis.metrics_dict(table, head))
+    out = common.jsonable(analysis.metrics_dict(table, head))
     assert out["variants"]["fine-tuned/crop"]["official_top1"] is None
     assert out["variants"]["zero-shot/crop"]["top1"] == 0.1
 
@@ -218,9 +218,9 @@ def test_zero_shot_rebuilds_the_initial_weights(tiny_checkpoint):
 
 @pytest.mark.slow
 def test_every_variant_runs_with_a_tiny_model(tiny_checkpoint, smoke_root, tmp_path):
+    from capret_utils.captions import template_captions
     from capret_utils.data import df2
     from capret_utils.runs import paths
-    from capret_utils.captions import template_captions
 
     items = df2.load_items(paths.split_dir(smoke_root, "validation"))
     # a stand-in dialogue store: real captions for every item (the template text, reworded)

@@ -67,7 +67,7 @@ def test_config_validation_and_mode():
 
 def test_build_arcfaces_margins_and_switch():
     # the identity ArcFace takes `margin`, the category ArcFace its own `category_margin` (default 0), same scale
-    arc, cat = train.build_arcfaces(_cfg(margin=0.2, category_margin=0.05, scale=16.0), 7, 32)
+    arc, cat = train.build_arcfaces(_cfg(margin=0.2, category_margin=0.05, arcface_scale=16.0), 7, 32)
     assert (arc.num_classes, arc.margin_rad, arc.scale) == (7, 0.2, 16.0)
     assert (cat.num_classes, cat.margin_rad, cat.scale) == (13, 0.05, 16.0)
     assert cat.loss.margin == pytest.approx(0.05) and tuple(cat.W.shape) == (32, 13)
@@ -124,8 +124,8 @@ def test_compute_losses_every_term_and_gradients(splits):
     cfg = _cfg(w_arcface_fused=0.5)
     setup = train.prepare(cfg, splits[0])
     net = setup.bundle.model.train()
-    arc = L.ArcFace(len(setup.classes), net.config.embed_dim, cfg.margin, cfg.scale)
-    cat = L.ArcFace(13, net.config.embed_dim, cfg.margin, cfg.scale)
+    arc = L.ArcFace(len(setup.classes), net.config.embed_dim, cfg.margin, cfg.arcface_scale)
+    cat = L.ArcFace(13, net.config.embed_dim, cfg.margin, cfg.arcface_scale)
     batch = _batch(setup)
     terms = train.compute_losses(net, arc, batch, cfg.weights(), torch.Generator().manual_seed(0), 0.25,
                                  category=cat)
@@ -153,8 +153,8 @@ def test_category_term_on_recoloured_copies_of_the_views(splits):
     cfg = _cfg()
     setup = train.prepare(cfg, splits[0])
     net = setup.bundle.model.eval()  # eval: BatchNorm / dropout identical in both passes
-    arc = L.ArcFace(len(setup.classes), net.config.embed_dim, cfg.margin, cfg.scale)
-    cat = L.ArcFace(13, net.config.embed_dim, 0.0, cfg.scale)
+    arc = L.ArcFace(len(setup.classes), net.config.embed_dim, cfg.margin, cfg.arcface_scale)
+    cat = L.ArcFace(13, net.config.embed_dim, 0.0, cfg.arcface_scale)
     batch = _batch(setup)
     weights = L.LossWeights(itc=0, itm=0, box=0, arcface=1, category=1)  # nothing else draws from the generator
     terms = train.compute_losses(net, arc, batch, weights, torch.Generator().manual_seed(7), category=cat,
@@ -185,7 +185,7 @@ def test_itm_fraction_fuses_only_the_first_rows_pairs(splits, monkeypatch):
     cfg = _cfg(w_box=0, w_category=0)
     setup = train.prepare(cfg, splits[0])
     net = setup.bundle.model.train()
-    arc = L.ArcFace(len(setup.classes), net.config.embed_dim, cfg.margin, cfg.scale)
+    arc = L.ArcFace(len(setup.classes), net.config.embed_dim, cfg.margin, cfg.arcface_scale)
     batch = _batch(setup)
     b = batch["pixel_values"].shape[0]
     sizes = []
@@ -313,7 +313,7 @@ def test_resume_restores_batchnorm_statistics_of_the_demo_conv_stem(splits, tmp_
 def _resume_targets(cfg, train_items):
     setup = train.prepare(cfg, train_items)
     model = setup.bundle.model
-    arcface = L.ArcFace(len(setup.classes), int(model.config.embed_dim), cfg.margin, cfg.scale)
+    arcface = L.ArcFace(len(setup.classes), int(model.config.embed_dim), cfg.margin, cfg.arcface_scale)
     sampler = D.PKBatchSampler(setup.labels, setup.data_config.identities_per_batch, cfg.per_identity)
     optimizer = train.build_optimizer(model, arcface, cfg)
     return model, arcface, optimizer, train.build_scheduler(optimizer, 4, cfg), sampler, torch.Generator()

@@ -22,7 +22,6 @@ run keeps what it finished. Nothing here re-implements search or scoring.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ import pandas as pd
 from capret_utils.common import atomic_path, resolve_device
 from capret_utils.evaluation import df2_eval, embed, metrics
 
-KS: tuple[int, ...] = (1, 5, 10, 15, 20)
+KS: tuple[int, ...] = metrics.DEFAULT_KS
 TABLE_KS: tuple[int, ...] = (1, 5, 10, 20)
 OFFICIAL_KS: tuple[int, ...] = (1, 5, 10, 20)
 BREAKDOWN_ATTRIBUTES: tuple[str, ...] = ("occlusion", "scale", "viewpoint", "zoom_in", "category_name")
@@ -108,8 +107,7 @@ def zero_shot_of(finetuned: embed.ModelBundle, device: str = "auto") -> embed.Mo
     if not cfg:
         raise ValueError("the checkpoint's finetune_info.json has no 'config' (written by train.finetune); cannot "
                          "rebuild its zero-shot model")
-    tcfg = train.TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()
-                                if k in train.config_fields()})
+    tcfg = train.TrainConfig.from_dict({k: v for k, v in cfg.items() if k in train.config_fields()})
     if _random_init(tcfg.model):
         torch.manual_seed(tcfg.seed)
         model = X2VLMModel(finetuned.model.config)
@@ -462,7 +460,7 @@ def per_query_table(results: Sequence[VariantResult]) -> pd.DataFrame:
     return table
 
 
-def headline(table: pd.DataFrame, variant: str = "crop") -> dict[str, Any]:
+def zero_shot_vs_finetuned(table: pd.DataFrame, variant: str = "crop") -> dict[str, Any]:
     """Zero-shot vs fine-tuned on one variant, plus the best variant by mAP."""
     cols = [f"top{k}" for k in TABLE_KS] + ["mAP"]
     out: dict[str, Any] = {}
@@ -650,9 +648,3 @@ def write_parquet(table: pd.DataFrame, run_dir: str | os.PathLike, name: str = "
     with atomic_path(path) as tmp:
         table.to_parquet(tmp, index=False)
     return path
-
-
-def json_safe(obj: Any) -> Any:
-    """NaN -> None, numpy -> Python (for metrics.json)."""
-    return json.loads(json.dumps(obj, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)),
-                      parse_constant=lambda c: None)

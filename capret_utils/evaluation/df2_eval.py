@@ -43,7 +43,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 15, 20)
+from capret_utils.evaluation.metrics import DEFAULT_KS
+
 IOU_THRESHOLD = 0.5
 
 _RESULT_FIELDS = ("query_image_id", "query_bbox", "query_cls", "query_score", "gallery_image_id",

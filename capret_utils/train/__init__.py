@@ -50,7 +50,6 @@ from capret_utils.train.checkpoint import (  # noqa: F401
 from capret_utils.train.config import (  # noqa: F401
     ARCFACE_FILE,
     CHECKPOINT_DIR,
-    DEMO_PRESET,
     EVAL_KS,
     HEAD_NAMES,
     HEADLINE,
@@ -61,16 +60,20 @@ from capret_utils.train.config import (  # noqa: F401
     STATE_DIR,
     TrainConfig,
     config_fields,
+    config_from_params,
     leading_rows,
+    parse_overrides,
     smoke_config,
 )
 from capret_utils.train.criterion import (  # noqa: F401
+    Criterion,
     compute_losses,
 )
 from capret_utils.train.loop import (  # noqa: F401
     FinetuneResult,
     build_arcfaces,
     build_optimizer,
+    EpochBatches,
     build_scheduler,
     deterministic_algorithms,
     evaluate,
@@ -79,9 +82,9 @@ from capret_utils.train.loop import (  # noqa: F401
     seed_everything,
     suppress_known_warnings,
     total_steps_for,
+    train_step,
 )
 from capret_utils.train.model import (  # noqa: F401
-    COMPACT_SPECIAL_IDS_FIELDS,
     TrainSetup,
     build_model,
     build_tokenizer,

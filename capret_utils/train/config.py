@@ -7,28 +7,23 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
 from capret_utils.data import loader as D
+from capret_utils.data.boxes import CROP_CONTEXT
+from capret_utils.evaluation.metrics import DEFAULT_KS
 from capret_utils.train import losses as L
+from capret_utils.x2vlm.config import RANDOM_INIT_PRESETS as _X2VLM_RANDOM_INIT_PRESETS
 
-DEMO_PRESET: dict[str, Any] = dict(
-    vision_width=128, vision_layers=4, vision_heads=4, vision_mlp=512, patch_size=16, image_res=64,
-    text_width=128, text_heads=4, text_ffn=512, text_layers=2, fusion_layers=2, vocab_size=512,
-    max_position_embeddings=64, embed_dim=128, vision_drop_path_rate=0.0, vision_stem="conv",
-    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-)
-"""The ``demo`` model: small enough to learn the synthetic benchmark from random weights on 2 CPU cores in minutes
-(64 px item crops, a convolutional stem onto a 4 x 4 token grid, 4 + 2 + 2 layers of width 128, no dropout, a
-512-entry WordPiece vocabulary)."""
-RANDOM_INIT_PRESETS = ("tiny", "demo")
+RANDOM_INIT_PRESETS = _X2VLM_RANDOM_INIT_PRESETS  # re-exported: train.RANDOM_INIT_PRESETS
 HEAD_NAMES = ("vision_proj", "text_proj", "itm_head", "bbox_head")
 STATE_DIR = "train_state"
 CHECKPOINT_DIR = "checkpoint"
 INFO_FILE = "finetune_info.json"
 ARCFACE_FILE = "arcface.safetensors"
 HISTORY_CSV, HISTORY_JSON = "history.csv", "history.json"
-EVAL_KS = (1, 5, 10, 15, 20)
+EVAL_KS = DEFAULT_KS  # the one k list (capret_utils.evaluation.metrics.DEFAULT_KS)
 HEADLINE = ("top1", "top5", "top10", "top20", "mAP")
 _CONFIG_VOLATILE = ("transformers_version", "name_or_path", "dtype", "torch_dtype", "output_attentions",
                     "output_hidden_states", "return_dict", "use_cache")
@@ -39,101 +34,151 @@ _RESUME_FREE = ("resume", "num_workers", "eval_every", "ckpt_every", "keep_check
 
 @dataclass
 class TrainConfig:
-    """Everything ``finetune`` needs; the notebook's parameters map onto these fields one to one."""
+    """Everything :func:`~capret_utils.train.finetune` needs. Notebook 03's parameters cell sets fields by name
+    (:func:`config_from_params`); its ``overrides`` parameter reaches every other field. How the defaults were
+    chosen, with the commands that reproduce each decision: ``docs/experiments.md``.
+
+    Args:
+        model: X2-VLM to fine-tune: a preset ("tiny", "demo": random init; "base", "large"), an official
+            checkpoint file (.th / .pth), or a capret checkpoint / ``save_pretrained`` folder.
+        image_res: input side in pixels; 0 = the model's default (demo 64, tiny 32, base / large 384).
+        tokenizer: "" = auto (a WordPiece vocabulary built from the texts for tiny / demo, bert-base-uncased
+            otherwise), "build", or a hub name / local folder with vocab.txt.
+        finetune_mode: "auto" (full for the random-init presets, LoRA otherwise), "lora" or "full".
+        lora_r: LoRA rank (integer >= 1).
+        lora_alpha: LoRA scaling numerator; the update is scaled by lora_alpha / lora_r.
+        lora_dropout: dropout on the LoRA branch, probability in [0, 1).
+        use_captions: the text paired with each item for ITC / ITM / the box head: "none" (category name),
+            "template" (the study's template caption) or "dialogue" (notebook 02's caption store).
+        use_boxes: True = item crops are the training view and the box head trains on the whole photo;
+            False = the whole photo for every item, no box loss.
+        context: crop context on each side of the item box, fraction of the box width / height (>= 0; default
+            :data:`capret_utils.data.boxes.CROP_CONTEXT`).
+        batch_size: items per optimizer step (per accumulation step) = identities per batch x per_identity.
+        per_identity: items per identity in a batch, the K of the P x K sampler (1 = every item a different
+            identity; >= 2 puts positives in each batch).
+        box_fraction: share of each batch (its first rows) that also trains the box head, in (0, 1].
+        itm_fraction: share of each batch (its first rows) whose ITM pairs go through the fusion encoder, in
+            [0, 1]; negatives are still drawn from the whole batch. 0 = auto: 0.25 for tiny / demo, else 1.
+        crop_scale: (min, max) area fraction of the random resized training crop, 0 < min <= max <= 1.
+        crop_ratio_relative: True = aspect jitter relative to the crop's own shape; False = absolute 3:4..4:3.
+        erase_prob: probability that a training view gets one random-colour rectangle (2-25 % of its area), [0, 1].
+        margin: additive angular margin of the identity ArcFace, radians, [0, pi/2).
+        arcface_scale: logit scale of both ArcFace heads (> 0).
+        w_itc: weight of the image-text contrastive loss (0 = off).
+        w_itm: weight of image-text matching with hard negatives (0 = off).
+        w_box: weight of the box loss, L1 + (1 - GIoU) (0 = off; only with use_boxes).
+        w_arcface: weight of the identity ArcFace on the retrieval embedding (0 = off).
+        w_arcface_fused: weight of the identity ArcFace on text_proj(fusion [CLS]) of the ITM positives (0 = off).
+        w_category: weight of a second ArcFace over the 13 garment categories on the retrieval embedding (0 = off).
+        category_margin: additive angular margin of the category ArcFace, radians, [0, pi/2).
+        category_recolour: crops per batch (the first ones) the category ArcFace sees colour-scrambled (hue
+            rotation, channel order, inversion); 0 = the crops as they are.
+        category_views: "recoloured" = the category term on the scrambled copies only; "both" = the mean of the
+            term on the crops and on their copies.
+        lr: peak AdamW learning rate of the model (backbone; heads use lr x head_lr_mult), > 0.
+        lr_arcface: peak learning rate of the ArcFace class weights, > 0.
+        head_lr_mult: learning-rate multiplier of the projections, ITM and box heads.
+        weight_decay: AdamW weight decay (not applied to biases, norms, embeddings or the temperature).
+        warmup: linear warm-up, fraction of the optimizer steps in [0, 1).
+        schedule: decay after warm-up, "cosine" or "linear".
+        epochs: passes over the training identities; one pass = n_identities // (batch_size / per_identity)
+            optimizer steps (5 steps on the demo benchmark, so 192 passes = 960 steps).
+        max_steps: optimizer steps; > 0 overrides epochs.
+        grad_accum: micro-batches accumulated per optimizer step (>= 1).
+        clip_grad: maximum global gradient norm; 0 = no clipping.
+        seed: seed of the model initialisation, sampling, augmentation and hard negatives.
+        device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda[:i]".
+        bf16: bf16 autocast on CUDA (CPU always runs float32).
+        num_workers: DataLoader worker processes; 0 = load in the main process.
+        threads: torch CPU threads; 0 = leave torch's default.
+        deterministic: torch.use_deterministic_algorithms while training on CPU, so repeated runs at one thread
+            count are bitwise identical (CUDA untouched).
+        eval_every: optimizer steps between validation evaluations; 0 = only at the end.
+        eval_image_level: also evaluate image-level retrieval at each evaluation.
+        ckpt_every: optimizer steps between resumable checkpoints (and always at the end).
+        keep_checkpoints: resumable checkpoints kept on disk (the newest ones).
+        resume: continue from ``<run_dir>/train_state`` when present (False = start over).
+        progress: show a tqdm progress bar.
+    """
 
     # model
-    model: str = "demo"  # "tiny" | "demo" | "base" | "large" | official checkpoint file | our checkpoint folder
-    image_res: int = 0  # input side in pixels; 0 = the model's default (demo 64, tiny 32, base/large 384)
-    tokenizer: str = ""  # "" = auto (built WordPiece for tiny/demo, bert-base-uncased otherwise) | "build" | name/path
-    finetune_mode: str = "auto"  # "auto" (full for random-init tiny/demo, lora otherwise) | "lora" | "full"
+    model: str = "demo"
+    image_res: int = 0
+    tokenizer: str = ""
+    finetune_mode: str = "auto"
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     # data
-    use_captions: str = "dialogue"  # text per item: "none" (category name) | "template" | "dialogue"
-    use_boxes: bool = True  # item crops (+ box loss) vs whole photos (no box loss)
-    # crop margin per side, fraction of the box width / height. Less context fine-tunes the demo better but lets the
-    # random-weight model match more boxes by colour alone (zero-shot hit@1 0.057 / 0.071 / 0.124 at 0.1 / 0.05 / 0;
-    # fine-tuned, with erasing and the category term, 960 steps, seeds 0 / 1: 0.868 / 0.862 at 0.1, 0.883 / 0.887
-    # at 0.05, 2026-11-25). 0.05 keeps the zero-shot under the benchmark's 0.10 ceiling
-    context: float = 0.05
-    batch_size: int = 64  # items per step = identities per batch x per_identity
-    # K of the P x K sampler. 1 (every item of a batch a different identity) trains the demo's retrieval embedding
-    # better than 2 (val hit@1 0.776 / 0.765 vs 0.738 / 0.734 with seeds 0 / 1, 720 steps, 2026-11-25); K >= 2 puts
-    # positives in each batch (soft ITC targets)
+    use_captions: str = "dialogue"
+    use_boxes: bool = True
+    context: float = CROP_CONTEXT
+    batch_size: int = 64
     per_identity: int = 1
-    box_fraction: float = 0.25  # share of each batch that also trains the box head on the whole photo
-    # share of each batch (its first rows) whose ITM pairs (1 positive + 2 hard negatives) go through the fusion
-    # encoder; negatives are still drawn from the whole batch. 0 = auto: 0.25 for the random-init demo / tiny
-    # presets (the CPU budget: ITM on every row cost ~0.2 s of a ~0.85 s demo step), 1 (official) otherwise
+    box_fraction: float = 0.25
     itm_fraction: float = 0.0
-    # random resized crop area range (training augmentation). (0.9, 1) beats (0.6, 1) on the demo (val hit@1
-    # 0.795 / 0.803 vs 0.776 / 0.765 with seeds 0 / 1, 2026-11-25): cutting 40 % of an item removes the shape that
-    # tells shorts from a skirt or a long sleeve from a short one; (1, 1) overfits the training identities
     crop_scale: tuple[float, float] = (0.9, 1.0)
-    # aspect jitter relative to the crop's own shape (True) or absolute 3:4..4:3 as in the official whole-photo
-    # recipe (False: cuts elongated items, e.g. trousers, to a band)
     crop_ratio_relative: bool = True
-    # random erasing: share of training views with one rectangle (2-25 % of the area) painted a random flat colour,
-    # like the occluders of shopper photos. 0.5 vs 0 on the demo, 720 steps: val hit@1 0.839 / 0.839 vs 0.795 /
-    # 0.803 (seeds 0 / 1, 2026-11-25)
     erase_prob: float = 0.5
     # losses
-    margin: float = 0.15  # ArcFace angular margin, radians
-    scale: float = 30.0  # ArcFace logit scale
+    margin: float = 0.15
+    arcface_scale: float = 30.0
     w_itc: float = 1.0
     w_itm: float = 1.0
     w_box: float = 1.0
     w_arcface: float = 1.0
-    w_arcface_fused: float = 0.0  # ArcFace on text_proj(fusion [CLS]) of the ITM positives (cross-fusion embed)
-    # ArcFace over the 13 garment categories on the retrieval embedding (same margin / scale). On the demo, 960
-    # steps, 1 thread (2026-11-25): context 0.05, seeds 0 / 1: val hit@1 0.883 / 0.887 vs 0.822 / 0.824 without;
-    # context 0.1, seeds 0 / 1 / 2: 0.868 / 0.862 / 0.872 vs 0.847 / 0.845 / 0.826. 3 is too strong (0.769)
+    w_arcface_fused: float = 0.0
     w_category: float = 1.0
-    # additive angular margin of the category ArcFace, radians (the identity ArcFace keeps ``margin``). On the demo,
-    # 960 steps, 1 thread, seed 0 (2026-12-02): 0 / 0.15 / 0.5 gave val hit@1 0.889 / 0.876 / 0.809. With 13 classes
-    # and every item labelled, a margin pulls each category into a tight cone that crowds out colour and pattern
     category_margin: float = 0.0
-    # the category term trains on colour-scrambled copies (``data.recolour``: hue rotation, channel order, inversion)
-    # of the first N crops of each batch (all of them when N >= batch_size); 0 = on the crops as they are.
-    # Categories do not depend on colour, so this stops the term from learning a training garment's category from
-    # its colour and pattern (on the plain crops the category head recognised 0.49 of the demo's validation user
-    # crops, with N = 64 and "both" 0.65). Demo, 960 steps, 1 thread, seeds 0 / 1 / 2 (2026-12-03), val hit@1:
-    # "recoloured" N = 64 0.901 / 0.899, "both" N = 64 0.901 / 0.893 / 0.885, N = 32 0.897 / 0.885,
-    # off 0.889 / 0.891 / 0.870. Costs a second vision pass (~+30 % step time at N = 64)
     category_recolour: int = 64
-    # "recoloured": the category term on the recoloured copies only; "both": the mean of the term on the crops and
-    # on their copies
     category_views: str = "recoloured"
     # optimisation
     lr: float = 2e-3
-    lr_arcface: float = 1e-2  # ArcFace class weights
-    head_lr_mult: float = 2.0  # projections / ITM / box heads (official lr_mult 2)
+    lr_arcface: float = 1e-2
+    head_lr_mult: float = 2.0
     weight_decay: float = 0.05
-    warmup: float = 0.1  # fraction of the optimizer steps
-    schedule: str = "cosine"  # "cosine" | "linear" decay after warm-up
-    # passes over the train identities (one pass = identities // P batches; demo: 5 steps, so 960 steps). With random
-    # erasing the demo keeps learning past 720 steps (val hit@1 0.857 vs 0.839 at 960 / 720 steps, 2026-11-25)
+    warmup: float = 0.1
+    schedule: str = "cosine"
     epochs: int = 192
-    max_steps: int = 0  # optimizer steps; > 0 overrides epochs
+    max_steps: int = 0
     grad_accum: int = 1
-    clip_grad: float = 1.0  # max gradient norm; 0 = off
+    clip_grad: float = 1.0
     # runtime
     seed: int = 0
-    device: str = "auto"  # "auto" (cuda if available) | "cpu" | "cuda"
-    bf16: bool = True  # bf16 autocast on CUDA (CPU always runs float32)
-    num_workers: int = 0  # DataLoader workers (0 = in the main process, deterministic and fine on CPU)
-    threads: int = 0  # torch CPU threads; 0 = leave torch's default
-    # torch.use_deterministic_algorithms while training on CPU: repeated runs at one thread count are bitwise
-    # identical (without it, two 2-thread runs of the demo drifted apart in the 6th digit of the loss within 5
-    # steps; another thread count changes the sums); CUDA: untouched
+    device: str = "auto"
+    bf16: bool = True
+    num_workers: int = 0
+    threads: int = 0
     deterministic: bool = True
-    eval_every: int = 0  # optimizer steps between validation evaluations; 0 = only at the end
-    eval_image_level: bool = False  # also evaluate image-level retrieval
-    ckpt_every: int = 100  # optimizer steps between training checkpoints (and always at the end)
+    eval_every: int = 0
+    eval_image_level: bool = False
+    ckpt_every: int = 100
     keep_checkpoints: int = 2
-    resume: bool = True  # continue from <run_dir>/train_state/latest.json when present
+    resume: bool = True
     progress: bool = True
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """A config from a mapping of field values (e.g. ``finetune_info.json``'s ``config``, a sweep's
+        parameters); unknown names raise a ``ValueError`` that lists them, lists become tuples where the field
+        is a tuple. Missing fields keep their defaults."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; the fields are {sorted(names)}")
+        types = {f.name: str(f.type) for f in fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if isinstance(value, list):
+                value = tuple(value)
+            elif isinstance(value, str) and types[key] in ("float", "int"):
+                try:  # YAML 1.1 reads "3e-5" (no dot) as a string
+                    value = float(value) if types[key] == "float" else int(value)
+                except ValueError:
+                    raise ValueError(f"TrainConfig.{key} is a {types[key]}, got {value!r}") from None
+            kwargs[key] = value
+        return cls(**kwargs)
 
     def validate(self) -> None:
         if self.finetune_mode not in ("auto", "lora", "full"):
@@ -216,5 +261,42 @@ def smoke_config(config: TrainConfig) -> TrainConfig:
 
 
 def config_fields() -> list[str]:
+    """The names of every :class:`TrainConfig` field, in order."""
     return [f.name for f in fields(TrainConfig)]
+
+
+def parse_overrides(overrides: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """Notebook / sweep ``overrides``: a mapping, YAML or JSON text (``"{erase_prob: 0.3, context: 0.1}"``), or
+    the path of a .yaml / .yml / .json file holding one; "" or None = no overrides."""
+    if overrides is None or (isinstance(overrides, str) and not overrides.strip()):
+        return {}
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    import yaml
+
+    text = str(overrides).strip()
+    path = Path(text).expanduser()
+    source = "overrides"
+    if path.suffix.lower() in (".yaml", ".yml", ".json"):
+        if not path.is_file():
+            raise FileNotFoundError(f"overrides file {path} does not exist")
+        text, source = path.read_text(), str(path)
+    try:
+        values = yaml.safe_load(text)  # YAML is a superset of JSON
+    except yaml.YAMLError as err:
+        raise ValueError(f"{source}: not a YAML / JSON mapping ({err})") from err
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{source}: expected a mapping of TrainConfig fields, got {type(values).__name__}")
+    return dict(values)
+
+
+def config_from_params(params: Mapping[str, Any], overrides: str | Mapping[str, Any] | None = "") -> TrainConfig:
+    """The :class:`TrainConfig` of a notebook run: every field named in ``params`` (the parameters cell, e.g.
+    ``globals()``; other names are ignored), then ``overrides`` (:func:`parse_overrides`) for any field; a
+    field set by both takes the override. Unknown override names raise ``ValueError``; the result is validated."""
+    values = {name: params[name] for name in config_fields() if name in params}
+    values.update(parse_overrides(overrides))
+    config = TrainConfig.from_dict(values)
+    config.validate()
+    return config
 

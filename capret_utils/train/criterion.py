@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from capret_utils.data import loader as D
 from capret_utils.evaluation import embed as E
 from capret_utils.train import losses as L
-from capret_utils.train.config import leading_rows
+from capret_utils.train.config import TrainConfig, leading_rows
 from capret_utils.x2vlm import (
     X2VLMModel,
 )
@@ -85,3 +85,31 @@ def compute_losses(net: X2VLMModel, arcface: L.ArcFace, batch: Mapping[str, Any]
     return terms
 
 
+
+
+class Criterion(torch.nn.Module):
+    """The training loss, built once from the config: ``terms = criterion(net, batch)`` returns every active term
+    (unweighted, as :func:`compute_losses`), ``criterion.total(terms, step)`` their weighted sum.
+
+    It owns the identity ArcFace (``arcface``), the category ArcFace (``category``, None when ``w_category`` is 0)
+    and the generator that draws ITM hard negatives and the colour-scrambled views (saved with the train state).
+    """
+
+    def __init__(self, config: TrainConfig, arcface: L.ArcFace, category: L.ArcFace | None,
+                 generator: torch.Generator, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.arcface, self.category = arcface, category
+        self.weights = config.weights()
+        self.generator = generator
+        self.device = device
+        self.box_fraction, self.bf16, self.itm_fraction = config.box_fraction, config.bf16, config.itm_share
+        self.category_recolour, self.category_views = config.category_recolour, config.category_views
+
+    def forward(self, net: X2VLMModel, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return compute_losses(net, self.arcface, batch, self.weights, self.generator, self.box_fraction,
+                              self.device, self.bf16, self.itm_fraction, self.category, self.category_recolour,
+                              self.category_views)
+
+    def total(self, terms: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
+        """The weighted sum of ``terms`` at optimizer step ``step`` (1-based; the NaN guard names it)."""
+        return L.total_loss(terms, self.weights, step)

@@ -38,10 +38,11 @@ from capret_utils.train.config import (
     STATE_DIR,
     TrainConfig,
 )
-from capret_utils.train.criterion import compute_losses
+from capret_utils.train.criterion import Criterion
 from capret_utils.train.model import TrainSetup
 from capret_utils.x2vlm import (
     LoraSettings,
+    X2VLMModel,
     apply_lora,
     merge_lora,
     trainable_parameters,
@@ -104,9 +105,9 @@ def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
 
 def build_arcfaces(config: TrainConfig, num_identities: int, embed_dim: int) -> tuple[L.ArcFace, L.ArcFace | None]:
     """The identity ArcFace (``margin``) and, when ``w_category`` is on, the category ArcFace (``category_margin``),
-    both with ``scale``."""
-    arcface = L.ArcFace(num_identities, embed_dim, config.margin, config.scale)
-    category = (L.ArcFace(len(CATEGORY_NAMES), embed_dim, config.category_margin, config.scale)
+    both with ``arcface_scale``."""
+    arcface = L.ArcFace(num_identities, embed_dim, config.margin, config.arcface_scale)
+    category = (L.ArcFace(len(CATEGORY_NAMES), embed_dim, config.category_margin, config.arcface_scale)
                 if config.weights().category else None)
     return arcface, category
 
@@ -209,27 +210,105 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(before, warn_only=before_warn)
 
 
+class EpochBatches:
+    """The training batches, epoch after epoch, from one DataLoader built once.
+
+    Each epoch calls ``sampler.set_epoch`` and starts a new pass over the same loader (workers persist between
+    epochs when ``num_workers`` > 0); the loader's private generator is re-seeded per pass, so the worker seeds
+    drawn from it never shift the global RNG (augmentation is seeded per sample). ``next()`` returns the next
+    batch and advances the sampler's resumable position.
+    """
+
+    def __init__(self, setup: TrainSetup, collate: D.Collator, sampler: D.PKBatchSampler, config: TrainConfig,
+                 pin_memory: bool = False) -> None:
+        workers = config.num_workers
+        self.loader = torch.utils.data.DataLoader(setup.dataset, batch_sampler=sampler, collate_fn=collate,
+                                                  num_workers=workers, pin_memory=pin_memory,
+                                                  persistent_workers=workers > 0,
+                                                  generator=torch.Generator().manual_seed(config.seed))
+        self.sampler, self.seed = sampler, config.seed
+        self.epoch = sampler.epoch
+        self._batches: Iterator[Any] | None = None
+
+    def __next__(self) -> Any:
+        batch = None
+        while batch is None:
+            if self._batches is None:
+                self.sampler.set_epoch(self.epoch)
+                self.loader.generator.manual_seed(self.seed)
+                self._batches = iter(self.loader)
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                self._batches, self.epoch = None, self.epoch + 1
+        self.sampler.advance()
+        return batch
+
+
+def train_step(net: torch.nn.Module, criterion: Criterion, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler, batches: EpochBatches, config: TrainConfig,
+               step: int) -> tuple[float, dict[str, float]]:
+    """One optimizer step (``config.grad_accum`` micro-batches) at 0-based ``step``: forward, weighted loss,
+    backward, gradient clipping, optimizer and schedule step, temperature clamp. Returns the step's loss and its
+    unweighted terms as floats."""
+    optimizer.zero_grad(set_to_none=True)
+    sums: dict[str, float] = {}
+    loss_sum = 0.0
+    for _ in range(config.grad_accum):
+        batch = next(batches)
+        terms = criterion(net, batch)
+        loss = criterion.total(terms, step + 1) / config.grad_accum
+        loss.backward()
+        loss_sum += float(loss.detach())
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach()) / config.grad_accum
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if config.clip_grad:
+        norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad)
+        if not torch.isfinite(norm):
+            raise L.NonFiniteLossError(step + 1, {"grad_norm": float(norm)})
+    optimizer.step()
+    scheduler.step()
+    net.clamp_temp_()
+    return loss_sum, sums
+
+
+def _eval_during_training(net: X2VLMModel, setup: TrainSetup, val_items: pd.DataFrame, store: Any,
+                          step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Evaluate the model being trained (LoRA layers active) and return (metrics, the history row)."""
+    config, bundle = setup.config, setup.bundle
+    net.eval()
+    model = bundle if config.mode == "full" else E.ModelBundle(net, bundle.tokenizer, bundle.processor, bundle.info)
+    res = evaluate(model, val_items, config, store=store, image_level=config.eval_image_level)
+    net.train()
+    row = {"kind": "eval", "step": step, **{k: v for k, v in res.items() if not isinstance(v, dict)}}
+    if "image_level" in res:
+        row.update({f"image_{k}": v for k, v in res["image_level"].items()})
+    return res, row
+
+
+def _trainable(setup: TrainSetup) -> tuple[torch.nn.Module, X2VLMModel, Any]:
+    """(module the optimizer trains, the plain X2-VLM inside it, the peft model or None) for ``config.mode``."""
+    base = setup.bundle.model
+    if setup.config.mode == "lora":
+        heads = tuple(h for h in HEAD_NAMES if getattr(base, h, None) is not None)
+        config = setup.config
+        peft_model = apply_lora(base, LoraSettings(r=config.lora_r, alpha=config.lora_alpha,
+                                                   dropout=config.lora_dropout, trainable_heads=heads))
+        return peft_model, peft_model.get_base_model(), peft_model
+    for p in base.parameters():
+        p.requires_grad_(True)
+    return base, base, None
+
+
 def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataFrame | None,
               callback: Callable[[dict[str, Any]], None] | None, stop_after: int | None) -> FinetuneResult:
     config, bundle = setup.config, setup.bundle
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = bundle.device
-    weights = config.weights()
-    base = bundle.model
     mode = config.mode
-    peft_model = None
-    if mode == "lora":
-        peft_model = apply_lora(base, LoraSettings(r=config.lora_r, alpha=config.lora_alpha,
-                                                   dropout=config.lora_dropout,
-                                                   trainable_heads=tuple(h for h in HEAD_NAMES
-                                                                         if getattr(base, h, None) is not None)))
-        train_module: torch.nn.Module = peft_model
-        net = peft_model.get_base_model()
-    else:
-        train_module = net = base
-        for p in net.parameters():
-            p.requires_grad_(True)
+    train_module, net, peft_model = _trainable(setup)
     net.train()
     counts = trainable_parameters(train_module)
     arcface, category = build_arcfaces(config, len(setup.classes), int(net.config.embed_dim))
@@ -241,7 +320,7 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
     optimizer = build_optimizer(train_module, arcface, config, category)
     scheduler = build_scheduler(optimizer, total, config)
     generator = torch.Generator().manual_seed(config.seed + 1)
-    collate = D.Collator(bundle.tokenizer, box_source=setup.dataset)
+    criterion = Criterion(config, arcface, category, generator, device)
     history: list[dict[str, Any]] = []
     step, train_seconds, resumed_from = 0, 0.0, None
     digest = config.trajectory_digest(net.config)
@@ -256,22 +335,19 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
         resumed_from = step
     elif not config.resume and (run_dir / STATE_DIR).exists():
         shutil.rmtree(run_dir / STATE_DIR)
+    batches = EpochBatches(setup, D.Collator(bundle.tokenizer, box_source=setup.dataset), sampler, config,
+                           pin_memory=device.type == "cuda")
 
-    def state_blob() -> dict[str, Any]:
-        return {"digest": digest, "train_seconds": train_seconds, "history": history, "total_steps": total,
+    def save(at_step: int) -> None:
+        blob = {"digest": digest, "train_seconds": train_seconds, "history": history, "total_steps": total,
                 "config": asdict(config)}
+        save_train_state(run_dir, at_step, train_module, arcface, optimizer, scheduler, sampler, generator, blob,
+                         config.keep_checkpoints, category)
 
     def run_eval(at_step: int) -> dict[str, Any] | None:
         if val_items is None:
             return None
-        net.eval()
-        res = evaluate(bundle if mode == "full" else E.ModelBundle(net, bundle.tokenizer, bundle.processor,
-                                                                   bundle.info),
-                       val_items, config, store=val_store, image_level=config.eval_image_level)
-        net.train()
-        row = {"kind": "eval", "step": at_step, **{k: v for k, v in res.items() if not isinstance(v, dict)}}
-        if "image_level" in res:
-            row.update({f"image_{k}": v for k, v in res["image_level"].items()})
+        res, row = _eval_during_training(net, setup, val_items, val_store, at_step)
         history.append(row)
         if callback:
             callback(row)
@@ -281,44 +357,10 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
 
     bar = tqdm(total=total, initial=step, desc=f"fine-tune ({mode})", disable=not config.progress, unit="step")
     done_here = 0
-    loader_epoch = sampler.epoch
-    batches: Any = None
     last_eval: dict[str, Any] | None = None
     while step < total and (stop_after is None or done_here < stop_after):
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
-        loss_sum = 0.0
-        for _ in range(config.grad_accum):
-            batch = None
-            while batch is None:
-                if batches is None:
-                    sampler.set_epoch(loader_epoch)
-                    # a private generator: creating a loader iterator draws a worker seed, and drawing it from
-                    # the global RNG would shift dropout after a mid-epoch resume (augmentation is seeded per sample)
-                    batches = iter(torch.utils.data.DataLoader(setup.dataset, batch_sampler=sampler,
-                                                               collate_fn=collate, num_workers=config.num_workers,
-                                                               generator=torch.Generator().manual_seed(config.seed)))
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    batches, loader_epoch = None, loader_epoch + 1
-            sampler.advance()
-            terms = compute_losses(net, arcface, batch, weights, generator, config.box_fraction, device, config.bf16,
-                                   config.itm_share, category, config.category_recolour, config.category_views)
-            loss = L.total_loss(terms, weights, step + 1) / config.grad_accum
-            loss.backward()
-            loss_sum += float(loss.detach())
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / config.grad_accum
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        if config.clip_grad:
-            norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad)
-            if not torch.isfinite(norm):
-                raise L.NonFiniteLossError(step + 1, {"grad_norm": float(norm)})
-        optimizer.step()
-        scheduler.step()
-        net.clamp_temp_()
+        loss_sum, sums = train_step(net, criterion, optimizer, scheduler, batches, config, step)
         step += 1
         done_here += 1
         train_seconds += time.perf_counter() - t0
@@ -332,8 +374,7 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
         if config.eval_every and step % config.eval_every == 0 and step < total:
             last_eval = run_eval(step)
         if step % config.ckpt_every == 0 or step == total:
-            save_train_state(run_dir, step, train_module, arcface, optimizer, scheduler, sampler, generator,
-                             state_blob(), config.keep_checkpoints, category)
+            save(step)
             write_history(run_dir, history)
     bar.close()
     if stop_after is not None and step < total:
@@ -344,8 +385,7 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
     final_eval = next((r for r in reversed(history) if r.get("kind") == "eval" and r["step"] == total), None)
     if final_eval is None:
         last_eval = run_eval(total)
-        save_train_state(run_dir, total, train_module, arcface, optimizer, scheduler, sampler, generator,
-                         state_blob(), config.keep_checkpoints, category)
+        save(total)
     else:
         last_eval = {k: v for k, v in final_eval.items() if k not in ("kind", "step")}
     write_history(run_dir, history)
@@ -363,7 +403,6 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
     ckpt = save_finetuned(final_bundle, run_dir / CHECKPOINT_DIR, arcface, info, category)
     return FinetuneResult(final_bundle, pd.json_normalize(history), last_eval or {}, ckpt, step, train_seconds,
                           resumed_from, info)
-
 
 
 def suppress_known_warnings() -> None:

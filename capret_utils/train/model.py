@@ -19,7 +19,6 @@ from capret_utils.data.df2 import CATEGORY_NAMES
 from capret_utils.evaluation import embed as E
 from capret_utils.train.checkpoint import load_finetuned
 from capret_utils.train.config import (
-    DEMO_PRESET,
     INFO_FILE,
     RANDOM_INIT_PRESETS,
     TrainConfig,
@@ -27,6 +26,7 @@ from capret_utils.train.config import (
 from capret_utils.x2vlm import (
     BERT_SPECIAL_IDS,
     COMPACT_SPECIAL_IDS,
+    PRESETS,
     X2VLMConfig,
     X2VLMImageProcessor,
     X2VLMModel,
@@ -62,29 +62,23 @@ def build_tokenizer(config: TrainConfig, texts: Sequence[str], vocab_size: int,
 
 
 def model_config(config: TrainConfig, vocab_size: int | None = None) -> X2VLMConfig:
-    """The architecture of a preset model (``tiny`` / ``demo`` / ``base`` / ``large``)."""
+    """The architecture of a preset model (``tiny`` / ``demo`` / ``base`` / ``large``, from the one registry
+    :data:`capret_utils.x2vlm.PRESETS`); ``base`` / ``large`` default to the retrieval resolution, 384 px."""
+    if config.model not in PRESETS:
+        raise ValueError(f"{config.model!r} is not a preset ({', '.join(PRESETS)})")
     overrides: dict[str, Any] = {}
     if config.image_res:
         overrides["image_res"] = config.image_res
-    if config.model == "demo":
-        values = {**DEMO_PRESET, **COMPACT_SPECIAL_IDS_FIELDS, **overrides}
-        return X2VLMConfig(**values)
-    if config.model in ("tiny", "base", "large"):
-        if config.model != "tiny" and not config.image_res:
-            overrides["image_res"] = 384  # retrieval fine-tuning resolution (docs/x2vlm.md §6)
-        return X2VLMConfig.preset(config.model, **overrides)
-    raise ValueError(f"{config.model!r} is not a preset (tiny, demo, base, large)")
-
-
-COMPACT_SPECIAL_IDS_FIELDS = {"pad_token_id": 0, "unk_token_id": 1, "cls_token_id": 2, "sep_token_id": 3,
-                              "mask_token_id": 4}
+    elif config.model not in RANDOM_INIT_PRESETS:
+        overrides["image_res"] = 384  # retrieval fine-tuning resolution (docs/x2vlm.md §6)
+    return X2VLMConfig.preset(config.model, **overrides)
 
 
 def build_model(config: TrainConfig, texts: Sequence[str]) -> tuple[X2VLMModel, X2VLMTokenizer, dict[str, Any]]:
     """Model + tokenizer for ``config.model``; random presets are initialised from ``config.seed``."""
     source: dict[str, Any] = {"model": config.model}
     path = Path(config.model).expanduser()
-    if config.model in ("tiny", "demo", "base", "large"):
+    if config.model in PRESETS:
         torch.manual_seed(config.seed)
         mcfg = model_config(config)
         special = COMPACT_SPECIAL_IDS if config.model == "demo" else BERT_SPECIAL_IDS

@@ -16,17 +16,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from capret_utils.data.df2 import RELEASED, ReleaseReport, item_retrieval_set
+from capret_utils.data.df2 import ATTRIBUTE_LABELS, RELEASED, ReleaseReport, item_retrieval_set
 
 SOURCES = ("user", "shop")
 SOURCE_COLOURS = {"user": "#d95f02", "shop": "#1b9e77"}
-# DeepFashion2 attribute codes (docs/deepfashion2.md §1.2)
-ATTRIBUTE_LABELS: dict[str, dict[int, str]] = {
-    "scale": {1: "small", 2: "moderate", 3: "large"},
-    "occlusion": {1: "slight", 2: "medium", 3: "heavy"},
-    "zoom_in": {1: "no", 2: "medium", 3: "large"},
-    "viewpoint": {1: "not worn", 2: "frontal", 3: "side/back"},
-}
 SCALE_THRESHOLDS = (0.10, 0.40)  # box / image area ratio separating scale 1 | 2 | 3 (DeepFashion2 issue #46)
 
 

@@ -12,7 +12,7 @@ Submodules: ``config`` (X2VLMConfig, presets), ``modeling`` (X2VLMModel), ``conv
 ``processing`` (images, captions, tokenizer), ``lora`` (peft LoRA), ``memory`` (training memory estimate).
 """
 
-from capret_utils.x2vlm.config import CLIP_MEAN, CLIP_STD, PRESETS, X2VLMConfig
+from capret_utils.x2vlm.config import CLIP_MEAN, CLIP_STD, PRESETS, RANDOM_INIT_PRESETS, X2VLMConfig
 from capret_utils.x2vlm.convert import (
     LoadReport,
     OfficialCheckpointError,
@@ -59,7 +59,7 @@ from capret_utils.x2vlm.processing import (
 register_auto_classes()
 
 __all__ = [
-    "BERT_SPECIAL_IDS", "CLIP_MEAN", "CLIP_STD", "COMPACT_SPECIAL_IDS", "LORA_TARGETS", "PRESETS", "TEMP_MAX",
+    "BERT_SPECIAL_IDS", "CLIP_MEAN", "RANDOM_INIT_PRESETS", "build_model", "CLIP_STD", "COMPACT_SPECIAL_IDS", "LORA_TARGETS", "PRESETS", "TEMP_MAX",
     "TEMP_MIN", "ImageSettings", "LoadReport", "LoraSettings", "MemoryEstimate", "OfficialCheckpointError",
     "TextSettings", "X2VLMConfig", "X2VLMImageProcessor", "X2VLMModel", "X2VLMOutput", "X2VLMTokenizer",
     "apply_lora", "build_wordpiece_tokenizer", "check_tokenizer", "config_from_official",

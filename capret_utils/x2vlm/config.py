@@ -36,7 +36,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         text_width=48, text_heads=4, text_ffn=96, text_layers=2, fusion_layers=2,
         vocab_size=120, max_position_embeddings=40, embed_dim=16,
     ),
+    # the embedded demo: small enough to learn the synthetic benchmark from random weights on 2 CPU cores in
+    # minutes (64 px crops, a convolutional stem onto a 4 x 4 token grid, 4 + 2 + 2 layers of width 128, no
+    # dropout, a 512-entry WordPiece vocabulary with the compact special ids 0-4)
+    "demo": dict(
+        vision_width=128, vision_layers=4, vision_heads=4, vision_mlp=512, patch_size=16, image_res=64,
+        text_width=128, text_heads=4, text_ffn=512, text_layers=2, fusion_layers=2, vocab_size=512,
+        max_position_embeddings=64, embed_dim=128, vision_drop_path_rate=0.0, vision_stem="conv",
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        pad_token_id=0, unk_token_id=1, cls_token_id=2, sep_token_id=3, mask_token_id=4,
+    ),
 }
+"""The one registry of X2-VLM architectures, by name (:meth:`X2VLMConfig.preset`, :func:`~capret_utils.x2vlm.build_model`)."""
+RANDOM_INIT_PRESETS = ("tiny", "demo")
+"""Presets that exist offline only with random weights (no official checkpoint): trained from scratch."""
 
 
 class X2VLMConfig(PreTrainedConfig):
@@ -125,7 +138,8 @@ class X2VLMConfig(PreTrainedConfig):
     # ------------------------------------------------------------------ presets and derived numbers
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "X2VLMConfig":
-        """``base``, ``large`` or ``tiny`` with optional overrides (e.g. ``image_res=384``)."""
+        """A registered preset (``base``, ``large``, ``tiny``, ``demo``: :data:`PRESETS`) with optional overrides
+        (e.g. ``image_res=384``)."""
         if name not in PRESETS:
             raise ValueError(f"unknown X2-VLM preset {name!r}; choose one of {sorted(PRESETS)}")
         values = dict(PRESETS[name])

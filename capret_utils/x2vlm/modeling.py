@@ -306,6 +306,13 @@ class X2VLMModel(PreTrainedModel):
         return out
 
 
+def build_model(name: str, **overrides: Any) -> X2VLMModel:
+    """A randomly initialised X2-VLM of a registered preset (:data:`~capret_utils.x2vlm.config.PRESETS`), e.g.
+    ``build_model("demo")`` or ``build_model("base", image_res=384)``; pre-trained weights come from
+    :meth:`X2VLMModel.from_official` or ``from_pretrained``."""
+    return X2VLMModel(X2VLMConfig.preset(name, **overrides))
+
+
 def register_auto_classes() -> None:
     """Let ``AutoConfig`` / ``AutoModel`` load saved X2-VLM folders (``model_type`` "x2vlm")."""
     AutoConfig.register(X2VLMConfig.model_type, X2VLMConfig, exist_ok=True)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from capret_utils.data.df2 import CATEGORY_NAMES
 from capret_utils.x2vlm.config import CLIP_MEAN, CLIP_STD, X2VLMConfig
 
 IMAGE_SETTINGS_FILE = "preprocessor_config.json"
@@ -383,9 +384,7 @@ def fashion_caption_corpus(colours: Sequence[str] = ("black", "white", "navy", "
                            ) -> list[str]:
     """A small corpus in the style of capret's captions (template + dialogue summaries) over the 13
     DeepFashion2 categories, for training an offline demo vocabulary when no caption file exists yet."""
-    categories = ["short sleeve top", "long sleeve top", "short sleeve outwear", "long sleeve outwear", "vest",
-                  "sling", "shorts", "trousers", "skirt", "short sleeve dress", "long sleeve dress", "vest dress",
-                  "sling dress"]
+    categories = list(CATEGORY_NAMES.values())
     levels = {"viewpoint": ["not worn", "frontal", "side or back"], "occlusion": ["slight", "medium", "heavy"],
               "scale": ["small", "moderate", "large"], "zoom": ["no", "medium", "large"]}
     patterns = ["solid", "horizontal stripes", "vertical stripes", "polka dots", "checks"]
