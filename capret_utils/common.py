@@ -85,3 +85,12 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def from_params(cls: type, params: Mapping[str, Any], **extra: Any) -> Any:
+    """An instance of the dataclass ``cls`` from every field named in ``params`` (e.g. a notebook's ``globals()``
+    after its parameters cell; other names are ignored) plus ``extra``: notebook parameters are written once."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in params.items() if k in names}, **extra)

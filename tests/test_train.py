@@ -423,3 +423,16 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
     assert resumed["weights"] == straight["weights"]
     assert resumed["metrics"] == straight["metrics"]
     assert resumed["eval_steps"] == straight["eval_steps"] == [4, 8]
+
+
+@pytest.mark.slow
+def test_loader_built_once_gives_the_same_run_with_worker_processes(splits, tmp_path):
+    """One DataLoader for the whole run (persistent workers, set_epoch per pass): 2 worker processes give the
+    same losses as loading in the main process, across several sampler epochs."""
+    cfg = _cfg(max_steps=7, ckpt_every=100)
+    setup = train.prepare(cfg, splits[0])
+    assert len(D.PKBatchSampler(setup.labels, setup.data_config.identities_per_batch, cfg.per_identity)) < 7
+    a = train.finetune(setup, tmp_path / "w0", stop_after=7).history
+    b = train.finetune(train.prepare(replace(cfg, num_workers=2), splits[0]), tmp_path / "w2", stop_after=7).history
+    assert list(a["epoch"]) == list(b["epoch"]) and a["epoch"].iloc[-1] >= 1
+    assert np.allclose(a["loss"], b["loss"], rtol=0, atol=1e-6)
