@@ -300,3 +300,49 @@ def test_failure_views_hold_exactly_the_failures(items):
         assert det["fine_tuned_crop_variant"] == "fine-tuned/crop"
     finally:
         cfo.delete_dataset(name)
+
+
+def test_text_sources_label_every_variant():
+    src = {"template": "oracle", "dialogue": "pixel", "rerank": "pixel"}
+    labels = {name: analysis.text_source(v, src) for name, v in analysis.VARIANTS.items()}
+    assert labels == {"image": "none", "crop": "none", "crop+template-late": "oracle",
+                      "crop+template-cross": "oracle", "crop+dialogue-late": "pixel", "crop+dialogue-cross": "pixel",
+                      "crop+itm": "pixel", "crop+template-gallery": "gallery-only",
+                      "crop+dialogue-gallery": "gallery-only"}
+    assert set(labels.values()) <= set(analysis.TEXT_SOURCES)
+    assert analysis.text_source(analysis.VARIANTS["crop+dialogue-late"], {"dialogue": "oracle"}) == "oracle"
+
+
+def test_best_variant_never_is_an_oracle_row():
+    rows = [("fine-tuned/crop", "crop", 0.5, 0.6, "none"), ("fine-tuned/crop+template-late", "crop+template-late",
+                                                           0.9, 0.95, "oracle"),
+            ("fine-tuned/crop+template-gallery", "crop+template-gallery", 0.55, 0.65, "gallery-only")]
+    table = pd.DataFrame([{"name": n, "model": "fine-tuned", "variant": v, "level": "item", "top1": t, "top5": t,
+                           "top10": t, "top20": t, "mAP": m, "text_source": s, "oracle": s == "oracle"}
+                          for n, v, t, m, s in rows])
+    head = analysis.zero_shot_vs_finetuned(table)
+    assert head["best_variant"]["name"] == "fine-tuned/crop+template-gallery"
+    assert head["best_oracle_upper_bound"]["name"] == "fine-tuned/crop+template-late"
+
+
+def test_variant_table_intervals_and_paired_comparison(items):
+    queries, gallery, parts = _hand_case(items)
+    ng = len(gallery)
+    good = [pos + [j for j in range(ng) if j not in pos] for pos, _, _ in parts]
+    bad = [[j for j in range(ng) if j not in pos] + pos for pos, _, _ in parts]
+    mixed = [good[i] if i % 2 == 0 else bad[i] for i in range(len(parts))]
+    results = []
+    for name, orders, text in (("crop", mixed, "none"), ("crop+template-gallery", good, "template")):
+        q, g = _scores_from_orders(orders, ng)
+        res = analysis.score_items(q, g, queries, gallery, device="cpu")
+        v = analysis.VARIANTS[name]
+        results.append(analysis.VariantResult(f"fine-tuned/{name}", "fine-tuned", v, dict(res.metrics),
+                                              res.per_query, text_source=analysis.text_source(v, {})))
+    table = analysis.variant_table(results).set_index("name")
+    base, gal = table.loc["fine-tuned/crop"], table.loc["fine-tuned/crop+template-gallery"]
+    assert base["top1_lo"] <= base["top1"] <= base["top1_hi"] and gal["mAP_lo"] <= gal["mAP"] <= gal["mAP_hi"]
+    assert gal["text_source"] == "gallery-only" and not gal["oracle"]
+    # the gallery-only variant wins the 4 odd queries, loses none: exact McNemar p = 2 / 2**4
+    assert (gal["won"], gal["lost"]) == (4, 0) and gal["p_top1"] == pytest.approx(0.125)
+    assert gal["delta_mAP"] == pytest.approx(gal["mAP"] - base["mAP"])
+    assert gal["baseline"] == "fine-tuned/crop" and pd.isna(base.get("baseline"))

@@ -488,3 +488,14 @@ def test_notebook_runs_with_papermill(tmp_path, data_root, items, params):
         assert metrics["dialogue"]["turns"] > 0 and metrics["run"]["items_per_s"] > 0
     else:
         assert caps == C.template_captions(expected)
+
+
+def test_ground_truth_answers_refuse_on_real_data_unless_allowed():
+    setup = C.CaptionSetup(captioner="dialogue")  # vqa "": the attribute answerer
+    with pytest.raises(ValueError, match="allow_oracle=True"):
+        C.build_captioner(setup, attributes=None)
+    with pytest.warns(RuntimeWarning, match="no attributes.jsonl"):
+        captioner = C.build_captioner(C.CaptionSetup(captioner="dialogue", allow_oracle=True), attributes=None)
+    assert captioner.answerer.name == "attributes"
+    # the embedded benchmark ships attributes.jsonl: its oracle captions run (and notebook 04 labels them)
+    assert C.build_captioner(setup, attributes={"k": {"colour": "red"}}).answerer.name == "attributes"

@@ -188,6 +188,7 @@ class CaptionSetup:
     summary_tokens: int = 100
     answer_tokens: int = 20
     smoke: bool = False
+    allow_oracle: bool = False  # with an empty vqa on data without attributes.jsonl: answer from the annotations
 
     def effective(self) -> "CaptionSetup":
         """The setup actually run (smoke defaults applied)."""
@@ -235,6 +236,12 @@ def build_captioner(setup: CaptionSetup, attributes: Mapping[str, Mapping[str, A
             device=setup.device, max_new_tokens=setup.answer_tokens,
             min_new_tokens=1 if setup.vqa in tiny_vqa else 0))
     else:
+        if not attributes and not setup.allow_oracle:
+            raise ValueError("vqa is empty, so the answerer would read the ground-truth annotations (an oracle: "
+                             "the query photo does not give them), and this data root has no attributes.jsonl "
+                             "(real DeepFashion2). Set vqa to a VQA model (e.g. Salesforce/blip-vqa-base), or "
+                             "allow_oracle=True to build oracle captions on purpose (notebook 04 labels them "
+                             "'oracle', an upper bound)")
         if not attributes:
             warnings.warn("no attributes.jsonl found: the attribute answerer knows only the items-table fields "
                           "(category, viewpoint, occlusion, scale, zoom) and says \"I don't know\" to colour "

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from capret_utils.common import atomic_path, resolve_device
-from capret_utils.evaluation import df2_eval, embed, metrics
+from capret_utils.evaluation import df2_eval, embed, metrics, stats
 
 KS: tuple[int, ...] = metrics.DEFAULT_KS
 TABLE_KS: tuple[int, ...] = (1, 5, 10, 20)
@@ -49,6 +49,7 @@ class Variant:
     text: str = "none"  # caption fused into the embedding: "none" | "template" | "dialogue"
     fusion: str = "none"  # "none" | "late" | "cross"
     rerank: bool = False  # ITM re-ranking of the top rerank_k
+    text_side: str = "both"  # captions on "both" sides, or on the "gallery" only (queries stay image-only)
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -58,8 +59,28 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("crop+template-cross", "item", "template", "cross"),
     Variant("crop+dialogue-late", "item", "dialogue", "late"),
     Variant("crop+dialogue-cross", "item", "dialogue", "cross"),
+    Variant("crop+template-gallery", "item", "template", "late", text_side="gallery"),
+    Variant("crop+dialogue-gallery", "item", "dialogue", "late", text_side="gallery"),
     Variant("crop+itm", "item", rerank=True),
 )}
+
+
+TEXT_SOURCES = ("none", "gallery-only", "pixel", "oracle")
+"""Where a variant's query-side text comes from: ``none`` (image only), ``gallery-only`` (only shop items carry
+text, as a shop's product text; queries stay image-only), ``pixel`` (a model that saw only the query photo wrote
+it) or ``oracle`` (ground truth the query photo does not give the system: an upper bound, not a result)."""
+
+
+def text_source(variant: Variant, sources: Mapping[str, str]) -> str:
+    """The :data:`TEXT_SOURCES` label of ``variant`` given where each caption kind comes from (``sources``, e.g.
+    ``{"template": "oracle", "dialogue": "pixel"}``; ITM re-ranking reads the query's ``rerank`` text)."""
+    if variant.rerank:
+        return sources.get("rerank", "oracle")
+    if variant.text == "none":
+        return "none"
+    if variant.text_side == "gallery":
+        return "gallery-only"
+    return sources.get(variant.text, "oracle")
 
 
 def select_variants(spec: str, have_dialogue: bool = True) -> list[Variant]:
@@ -189,21 +210,31 @@ class RetrievalData:
     query_images: pd.DataFrame
     gallery_images: pd.DataFrame
     texts: dict[str, dict[str, str]] = field(default_factory=dict)  # "template"/"dialogue" -> {key: caption}
+    sources: dict[str, str] = field(default_factory=dict)  # caption kind -> TEXT_SOURCES label (query side)
 
     @classmethod
-    def build(cls, items: pd.DataFrame, dialogue: Mapping[str, str] | None = None) -> "RetrievalData":
+    def build(cls, items: pd.DataFrame, dialogue: Mapping[str, str] | None = None,
+              dialogue_source: str = "oracle") -> "RetrievalData":
+        """Template captions always (built from the items table's ground truth: ``oracle`` on the query side);
+        dialogue captions when given, labelled ``dialogue_source`` (:func:`dialogue_source`)."""
         from capret_utils.captions import template_captions
 
         queries, gallery = metrics.item_sets(items)
         qi, gi = metrics.image_sets(items)
         texts = {"template": template_captions(items)}
+        sources = {"template": "oracle"}
         if dialogue:
             missing = [k for k in pd.concat([queries["key"], gallery["key"]]) if k not in dialogue]
             if missing:
                 raise KeyError(f"{len(missing)} query/gallery item(s) have no dialogue caption, e.g. {missing[:3]}; "
                                f"caption the split with notebook 02 (split='all')")
             texts["dialogue"] = dict(dialogue)
-        return cls(items, queries, gallery, qi, gi, texts)
+            if dialogue_source not in TEXT_SOURCES:
+                raise ValueError(f"dialogue_source must be one of {TEXT_SOURCES}, got {dialogue_source!r}")
+            sources["dialogue"] = dialogue_source
+        data = cls(items, queries, gallery, qi, gi, texts, sources)
+        data.sources["rerank"] = sources[data.rerank_text]
+        return data
 
     def text_of(self, frame: pd.DataFrame, kind: str) -> list[str]:
         table = self.texts[kind]
@@ -224,6 +255,7 @@ class VariantResult:
     metrics: dict[str, Any]
     per_query: pd.DataFrame
     official: dict[str, float] = field(default_factory=dict)
+    text_source: str = "none"  # TEXT_SOURCES label
 
 
 def _embed_cached(cache: Path | None, name: str, keys: Sequence[str], compute) -> np.ndarray:
@@ -263,7 +295,8 @@ def run_variant(variant: Variant, model_name: str, bundle: embed.ModelBundle, da
                                  lambda: embed.embed_images(frame, bundle, ecfg))
         res = score_images(emb(data.query_images, "q"), emb(data.gallery_images, "g"), data.query_images,
                            data.gallery_images, data.items, device=cfg.device)
-        return VariantResult(f"{model_name}/{variant.name}", model_name, variant, dict(res.metrics), res.per_query)
+        return VariantResult(f"{model_name}/{variant.name}", model_name, variant, dict(res.metrics), res.per_query,
+                             text_source=text_source(variant, data.sources))
 
     queries, gallery = _item_view_frames(data, bundle, cfg, ecfg, cache, tag)
     view = "crop" if cfg.boxes == "gt" else "predcrop"
@@ -271,6 +304,9 @@ def run_variant(variant: Variant, model_name: str, bundle: embed.ModelBundle, da
 
     def emb(frame: pd.DataFrame, side: str) -> np.ndarray:
         keys = frame["key"].tolist()
+        if side == "q" and variant.text_side == "gallery":  # queries stay image-only (the plain crop embedding)
+            name = f"{tag}-{view}-none-none-{side}"
+            return _embed_cached(cache, name, keys, lambda: embed.embed_items(frame, bundle, ecfg))
         texts = data.text_of(frame, variant.text) if variant.text != "none" else None
         name = f"{tag}-{view}-{variant.text}-{variant.fusion}-{side}"
         return _embed_cached(cache, name, keys, lambda: embed.embed_items(frame, bundle, ecfg_v, texts=texts))
@@ -281,7 +317,8 @@ def run_variant(variant: Variant, model_name: str, bundle: embed.ModelBundle, da
         rerank = embed.ITMReranker(bundle, data.text_of(queries, data.rerank_text), gallery, ecfg)
         rerank_k = int(cfg.rerank_k)
     res = score_items(q, g, queries, gallery, rerank=rerank, rerank_k=rerank_k, device=cfg.device)
-    out = VariantResult(f"{model_name}/{variant.name}", model_name, variant, dict(res.metrics), res.per_query)
+    out = VariantResult(f"{model_name}/{variant.name}", model_name, variant, dict(res.metrics), res.per_query,
+                        text_source=text_source(variant, data.sources))
     out.official = official_topk(queries, gallery, res.indices, data.items, official_dir, out.name)
     return out
 
@@ -418,15 +455,21 @@ def category_error_share(per_query: pd.DataFrame) -> tuple[float, int]:
     return (float(errors["right_category"].astype(bool).mean()) if n else float("nan")), n
 
 
-def variant_row(result: VariantResult) -> dict[str, Any]:
-    """One row of the variant table."""
+def variant_row(result: VariantResult, seed: int = 0) -> dict[str, Any]:
+    """One row of the variant table: hit@k and mAP with 95 % intervals (Wilson for hit@1, a seeded bootstrap over
+    queries for mAP), the official protocol, the category-error share and the ``text_source`` label."""
     m = result.metrics
     share, n_err = category_error_share(result.per_query)
     row: dict[str, Any] = {"name": result.name, "model": result.model, "variant": result.variant.name,
                            "level": result.variant.level, "text": result.variant.text,
-                           "fusion": result.variant.fusion, "rerank": result.variant.rerank}
+                           "fusion": result.variant.fusion, "rerank": result.variant.rerank,
+                           "text_source": result.text_source, "oracle": result.text_source == "oracle"}
     row.update({f"top{k}": float(m[f"top{k}"]) for k in TABLE_KS})
     row["mAP"] = float(m["mAP"])
+    evaluated = result.per_query[result.per_query["hit@1"].notna()] if "hit@1" in result.per_query else None
+    if evaluated is not None and len(evaluated):
+        row["top1_lo"], row["top1_hi"] = stats.wilson_interval(evaluated["hit@1"].astype(float))
+        row["mAP_lo"], row["mAP_hi"] = stats.bootstrap_interval(evaluated["ap"].astype(float), seed=seed)
     for k in OFFICIAL_KS:
         row[f"official_top{k}"] = result.official.get(f"official_top{k}", float("nan"))
     row["right_category_wrong_item"] = share
@@ -436,9 +479,33 @@ def variant_row(result: VariantResult) -> dict[str, Any]:
     return row
 
 
-def variant_table(results: Sequence[VariantResult]) -> pd.DataFrame:
-    """One row per evaluated variant (see :func:`variant_row`)."""
-    return pd.DataFrame([variant_row(r) for r in results])
+def baseline_name(name: str, level: str) -> str:
+    """The image-only baseline a variant row is compared with: the same model's ``crop`` (item level) or
+    ``image`` (image level)."""
+    model = name.split("/", 1)[0]
+    return f"{model}/{'crop' if level == 'item' else 'image'}"
+
+
+def variant_table(results: Sequence[VariantResult], seed: int = 0) -> pd.DataFrame:
+    """One row per evaluated variant (see :func:`variant_row`), each compared with the image-only baseline of its
+    model (:func:`baseline_name`) on the same queries: ``won`` / ``lost`` queries at hit@1, the exact McNemar
+    ``p_top1``, and ``delta_mAP`` with its paired-bootstrap 95 % interval (:mod:`.stats`)."""
+    table = pd.DataFrame([variant_row(r, seed) for r in results])
+    if not len(table):
+        return table
+    per_query = {r.name: r.per_query for r in results}
+    rows = []
+    for r in results:
+        base = baseline_name(r.name, r.variant.level)
+        if base == r.name or base not in per_query:
+            continue
+        a, b = per_query[r.name], per_query[base]
+        a, b = a[a["hit@1"].notna()], b[b["hit@1"].notna()]
+        rows.append({"name": r.name, "baseline": base,
+                     **stats.compare(a.astype({"hit@1": float}), b.astype({"hit@1": float}), seed=seed)})
+    if rows:
+        table = table.merge(pd.DataFrame(rows), on="name", how="left")
+    return table
 
 
 def per_query_table(results: Sequence[VariantResult]) -> pd.DataFrame:
@@ -461,7 +528,8 @@ def per_query_table(results: Sequence[VariantResult]) -> pd.DataFrame:
 
 
 def zero_shot_vs_finetuned(table: pd.DataFrame, variant: str = "crop") -> dict[str, Any]:
-    """Zero-shot vs fine-tuned on one variant, plus the best variant by mAP."""
+    """Zero-shot vs fine-tuned on one variant, the best non-oracle variant by mAP, and the best oracle row
+    (an upper bound, labelled as such)."""
     cols = [f"top{k}" for k in TABLE_KS] + ["mAP"]
     out: dict[str, Any] = {}
     for model, key in (("zero-shot", "zero_shot"), ("fine-tuned", "finetuned")):
@@ -470,9 +538,16 @@ def zero_shot_vs_finetuned(table: pd.DataFrame, variant: str = "crop") -> dict[s
             out[key] = {c: float(rows.iloc[0][c]) for c in cols}
     if "zero_shot" in out and "finetuned" in out:
         out["finetuned_minus_zero_shot"] = {c: out["finetuned"][c] - out["zero_shot"][c] for c in cols}
-    if len(table):
-        best = table.loc[table["mAP"].idxmax()]
-        out["best_variant"] = {"name": str(best["name"]), "mAP": float(best["mAP"]), "top1": float(best["top1"])}
+    honest = table[~table["oracle"].astype(bool)] if "oracle" in table else table
+    if len(honest):  # oracle rows are upper bounds, never the best result
+        best = honest.loc[honest["mAP"].idxmax()]
+        out["best_variant"] = {"name": str(best["name"]), "mAP": float(best["mAP"]), "top1": float(best["top1"]),
+                               "text_source": str(best.get("text_source", "none"))}
+    oracle = table[table["oracle"].astype(bool)] if "oracle" in table else table.iloc[0:0]
+    if len(oracle):
+        top = oracle.loc[oracle["mAP"].idxmax()]
+        out["best_oracle_upper_bound"] = {"name": str(top["name"]), "mAP": float(top["mAP"]),
+                                          "top1": float(top["top1"])}
     out["variant"] = variant
     return out
 
@@ -624,6 +699,16 @@ def sweep_long(summary: pd.DataFrame, metric_prefix: str | None = None) -> tuple
     long = ok.melt(id_vars=params, value_vars=mcols, var_name="metric", value_name="value")
     long["metric"] = long["metric"].str.removeprefix(metric_prefix)
     return long, varying
+
+
+def dialogue_source(path: str) -> str:
+    """``"oracle"`` when any record of notebook 02's ``captions.jsonl`` at ``path`` was answered from the ground
+    truth (the attribute answerer), else ``"pixel"`` (a VQA model that saw only the photo answered)."""
+    from capret_utils.captions import CaptionStore
+
+    store = CaptionStore(Path(path) / "captions.jsonl" if Path(path).is_dir() else Path(path))
+    answerers = {str(r.get("answerer", "")) for r in store.records() if r.get("method") == "dialogue"}
+    return "oracle" if not answerers or "attributes" in answerers else "pixel"
 
 
 def load_captions_optional(path: str) -> dict[str, str] | None:

@@ -16,7 +16,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from capret_utils.data.df2 import ATTRIBUTE_LABELS, RELEASED, ReleaseReport, item_retrieval_set
+from capret_utils.data.df2 import (
+    ATTRIBUTE_LABELS,
+    RELEASED,
+    ReleaseReport,
+    item_retrieval_set,
+)
 
 SOURCES = ("user", "shop")
 SOURCE_COLOURS = {"user": "#d95f02", "shop": "#1b9e77"}
@@ -393,20 +398,34 @@ def answer_filter_figure(records: pd.DataFrame) -> Figure:
 
 
 def variant_metrics(table: pd.DataFrame, metrics: tuple[str, ...] = ("top1", "top10", "mAP")) -> Figure:
-    """Horizontal bars of ``metrics`` per variant row (``analysis.variant_table``), one panel per metric."""
+    """Horizontal bars of ``metrics`` per variant row (``analysis.variant_table``), one panel per metric, with the
+    95 % intervals where the table has them (``<metric>_lo`` / ``_hi``); oracle rows (ground truth the query photo
+    does not give) are hatched and their names end in "[oracle]"."""
     import seaborn as sns
 
     shown = [m for m in metrics if m in table.columns]
+    table = table.reset_index(drop=True).copy()
+    oracle = table["oracle"].astype(bool) if "oracle" in table else pd.Series(False, index=table.index)
+    table["row"] = [f"{n} [oracle]" if o else str(n) for n, o in zip(table["name"], oracle)]
     fig, axes = _figure(4.2 * max(1, len(shown)), 0.45 * max(2, len(table)) + 1.4, 1, max(1, len(shown)),
                         sharey=True)
     for ax, m in zip(axes[0], shown):
-        sns.barplot(data=table, y="name", x=m, hue="model", dodge=False, ax=ax, orient="h")
+        sns.barplot(data=table, y="row", x=m, hue="model", dodge=False, ax=ax, orient="h")
         for container in ax.containers:
             ax.bar_label(container, fmt="%.2f", fontsize=7, padding=2)
+        for patch, is_oracle in zip(sorted(ax.patches, key=lambda r: r.get_y()), oracle):
+            if is_oracle:
+                patch.set_hatch("//")
+        if f"{m}_lo" in table and f"{m}_hi" in table:
+            lo, hi, val = table[f"{m}_lo"].to_numpy(float), table[f"{m}_hi"].to_numpy(float), table[m].to_numpy(float)
+            ok = ~(np.isnan(lo) | np.isnan(hi))
+            ax.errorbar(val[ok], np.arange(len(table))[ok], xerr=np.vstack([val - lo, hi - val])[:, ok],
+                        fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
         ax.set(xlim=(0, 1.1), xlabel=m, ylabel="", title=m)
         if ax.get_legend() is not None and ax is not axes[0, -1]:
             ax.get_legend().remove()
-    fig.suptitle("Retrieval quality per variant (item level unless the variant is 'image')")
+    fig.suptitle("Retrieval quality per variant with 95 % intervals (item level unless the variant is 'image'; "
+                 "[oracle] = upper bound)")
     return fig
 
 
