@@ -1,0 +1,96 @@
+"""Which items train, which select (checkpoints, early stopping, any tuning) and which test, reported once.
+
+* A root with a ``test/`` split (the embedded synthetic benchmark): train = ``train``, select = ``validation``,
+  test = ``test``.
+* A real DeepFashion2 root (``train/`` + ``validation/``; the official test annotations are not public): a seeded,
+  ``pair_id``-disjoint slice of train (``select_fraction`` of its pairs) selects, the official ``validation``
+  split tests, and training sees the rest of train.
+
+Nothing is ever tuned on the test split: notebooks 03 and 04 and the sweeps select on ``select`` and evaluate
+``test`` once at the end (``metrics.json`` keeps them apart).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from capret_utils.data import df2
+
+SELECT_FRACTION = 0.05
+"""Default share of the train pairs held out to select on when the root has no test split (real DeepFashion2)."""
+
+
+class Splits(NamedTuple):
+    """The three item tables and where each came from (``names``: role -> description)."""
+
+    train: pd.DataFrame
+    select: pd.DataFrame
+    test: pd.DataFrame
+    names: dict[str, str]
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    path = root / split
+    if not path.is_dir():
+        raise FileNotFoundError(f"split folder {path} does not exist (split={split!r})")
+    return path
+
+
+def select_pairs(train: pd.DataFrame, fraction: float, seed: int = 0) -> np.ndarray:
+    """Boolean mask of the train rows whose ``pair_id`` falls in a seeded ``fraction`` of the pairs (at least one
+    pair when ``fraction`` > 0, never all of them)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"select_fraction is a share of the train pairs in [0, 1), got {fraction}")
+    pairs = np.array(sorted(pd.unique(train["pair_id"])))
+    if fraction == 0 or len(pairs) < 2:
+        return np.zeros(len(train), dtype=bool)
+    n = min(len(pairs) - 1, max(1, int(round(fraction * len(pairs)))))
+    chosen = np.random.default_rng([seed, 5]).permutation(pairs)[:n]
+    return train["pair_id"].isin(set(chosen.tolist())).to_numpy()
+
+
+def subsample_identities(train: pd.DataFrame, max_items: int, seed: int = 0) -> pd.DataFrame:
+    """A seeded subset of whole training identities holding about ``max_items`` items (0 = all)."""
+    if not max_items or len(train) <= max_items:
+        return train
+    ident = [df2.identity_key(p, s) for p, s in zip(train["pair_id"], train["style"])]
+    keys = sorted({i for i in ident if i is not None})
+    rng = np.random.default_rng(seed)
+    keep: set[str] = set()
+    count = 0
+    by_id = pd.Series(ident).value_counts()
+    for k in rng.permutation(keys):
+        if count >= max_items:
+            break
+        keep.add(k)
+        count += int(by_id[k])
+    return train[[i in keep for i in ident]].reset_index(drop=True)
+
+
+def load_splits(root: str | os.PathLike, select_fraction: float = SELECT_FRACTION, seed: int = 0,
+                max_train_items: int = 0) -> Splits:
+    """The train / select / test items of a data root (see the module docstring); ``max_train_items`` > 0 keeps
+    a seeded subset of whole training identities for quick runs. ``seed`` draws the select slice on real data."""
+    root = Path(root)
+    train = df2.load_items(_split_dir(root, "train"))
+    if (root / "test").is_dir():
+        select = df2.load_items(_split_dir(root, "validation"))
+        test = df2.load_items(_split_dir(root, "test"))
+        names = {"train": "train", "select": "validation", "test": "test"}
+    else:
+        mask = select_pairs(train, select_fraction, seed)
+        if not mask.any():
+            raise ValueError(f"{root} has no test/ split, so selection needs a slice of train: set "
+                             f"select_fraction > 0 (got {select_fraction}) with at least 2 train pairs")
+        select = train[mask].reset_index(drop=True)
+        train = train[~mask].reset_index(drop=True)
+        test = df2.load_items(_split_dir(root, "validation"))
+        names = {"train": f"train without the select slice ({(~mask).sum()} items)",
+                 "select": f"train pairs held out to select on ({select_fraction:.0%} of the pairs, seed {seed})",
+                 "test": "validation (the official retrieval split, reported once)"}
+    return Splits(subsample_identities(train, max_train_items, seed), select, test, names)
