@@ -78,11 +78,12 @@ def run_once(cfg, a: argparse.Namespace, root: Path, out: Path, label: str) -> d
     import torch
 
     from capret_utils import train
+    from capret_utils.data.splits import load_splits
 
     started = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    train_items, val_items = train.load_splits(root)
+    train_items, val_items = load_splits(root)[:2]  # train, select
     caps = train.caption_texts(cfg, root, out, a.captions_path, progress=False)
     setup = train.prepare(cfg, train_items, captions=caps)
     prepared = time.perf_counter()

@@ -39,8 +39,10 @@ def test_chain_outputs(smoke_run):
     assert (out / "02_captions" / "captions.jsonl").is_file()
     assert (out / "03_finetune" / "checkpoint").is_dir()
     finetune = json.loads((out / "03_finetune" / "metrics.json").read_text())
-    for phase in ("zero_shot", "finetuned"):
-        assert {"top1", "top5", "top10", "top20", "mAP"} <= set(finetune[phase]), phase
+    for role in ("select", "test"):  # selected on one split, reported on the other
+        for phase in ("zero_shot", "finetuned"):
+            assert {"top1", "top5", "top10", "top20", "mAP"} <= set(finetune[role][phase]), (role, phase)
+    assert finetune["splits"] == {"train": "train", "select": "validation", "test": "test"}
     variants = pd.read_csv(out / "04_retrieval" / demo.VARIANTS_FILE)
     assert len(variants) >= 2
     assert "mAP" in variants.columns

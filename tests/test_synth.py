@@ -355,3 +355,18 @@ def test_cli_refuses_to_replace_without_force(tmp_path: Path, capsys):
     assert "overwrite" in capsys.readouterr().err
     assert synth.main(["--out", str(out), "--preset", "smoke", "--pairs", "2", "--quiet", "--force"]) == 0
     assert json.loads((out / "synth.json").read_text())["config"]["val_pairs"] == 2
+
+
+def test_test_split_holds_unseen_identities_and_leaves_train_and_validation_alone():
+    from dataclasses import replace as _replace
+
+    cfg = synth.SynthConfig.smoke()
+    plans = {s: synth.plan_split(cfg, s) for s in synth.SPLITS}
+    test_ids = synth.identity_factors(plans["test"])
+    assert test_ids and test_ids.isdisjoint(synth.identity_factors(plans["train"]) |
+                                             synth.identity_factors(plans["validation"]))
+    # train and validation do not depend on the test split's size
+    bigger = _replace(cfg, test_pairs=9)
+    for split in ("train", "validation"):
+        assert synth.plan_split(bigger, split) == plans[split]
+    assert len({p.pair_id for p in synth.plan_split(bigger, "test")}) == 9

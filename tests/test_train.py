@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from capret_utils.data.splits import load_splits
 from capret_utils.data import loader as D
 from capret_utils.train import losses as L
 from capret_utils import train
@@ -28,7 +29,7 @@ WORKER = Path(__file__).with_name("train_kill_worker.py")
 
 @pytest.fixture(scope="module")
 def splits(smoke_root):
-    return train.load_splits(smoke_root)
+    return load_splits(smoke_root)
 
 
 def _cfg(**kw) -> train.TrainConfig:
@@ -214,7 +215,7 @@ def test_nan_guard_names_step_and_terms(splits, tmp_path):
 
 
 def test_full_finetune_learns_saves_and_reloads(splits, tmp_path):
-    train_items, val_items = splits
+    train_items, val_items = splits[:2]  # train, select
     cfg = _cfg(max_steps=6, eval_every=3)
     setup = train.prepare(cfg, train_items)
     before = _state(setup.bundle.model)
@@ -274,7 +275,7 @@ def test_lora_trains_adapters_and_heads_only_and_merges(splits, tmp_path):
 
 
 def test_in_process_resume_matches_uninterrupted(splits, tmp_path):
-    train_items, val_items = splits
+    train_items, val_items = splits[:2]  # train, select
     cfg = _cfg(max_steps=6, ckpt_every=2, eval_every=3)
     full = train.finetune(train.prepare(cfg, train_items), tmp_path / "a", val_items=val_items)
     part = train.finetune(train.prepare(cfg, train_items), tmp_path / "b", val_items=val_items, stop_after=4)
@@ -290,7 +291,7 @@ def test_in_process_resume_matches_uninterrupted(splits, tmp_path):
 
 
 def test_resume_restores_batchnorm_statistics_of_the_demo_conv_stem(splits, tmp_path):
-    train_items, _ = splits
+    train_items = splits.train
     cfg = _cfg(model="demo", max_steps=4, ckpt_every=2)
     full = train.finetune(train.prepare(cfg, train_items), tmp_path / "a")
     train.finetune(train.prepare(cfg, train_items), tmp_path / "b", stop_after=2)

@@ -16,7 +16,7 @@ from capret_utils.data.boxes import CROP_CONTEXT
 from capret_utils.evaluation.metrics import DEFAULT_KS
 from capret_utils.x2vlm import PRESETS, RANDOM_INIT_PRESETS
 
-NOTEBOOK_ONLY = {"captions_path", "data_root", "run_dir", "smoke", "overrides"}
+NOTEBOOK_ONLY = {"captions_path", "data_root", "run_dir", "smoke", "overrides", "select_fraction"}
 
 
 def test_every_field_is_documented_in_the_args_docstring():

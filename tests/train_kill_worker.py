@@ -41,12 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from capret_utils.runs import paths
     from capret_utils import train
+    from capret_utils.data.splits import load_splits
 
     root = paths.data_root("", smoke=True)
     cfg = train.TrainConfig(model="tiny", finetune_mode=a.mode, use_captions="template", max_steps=a.steps,
                             batch_size=8, per_identity=2, eval_every=4, ckpt_every=1, device="cpu", threads=1,
                             lr=1e-3, progress=False, seed=3)
-    train_items, val_items = train.load_splits(root)
+    train_items, val_items = load_splits(root)[:2]  # train, select
     setup = train.prepare(cfg, train_items)
 
     def slow(row):

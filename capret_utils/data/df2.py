@@ -62,7 +62,7 @@ LANDMARK_COUNTS: dict[int, int] = {1: 25, 2: 33, 3: 31, 4: 39, 5: 15, 6: 15, 7: 
 
 SOURCES = ("user", "shop")
 CAPTION_MODES = ("none", "template", "dialogue")  # an item's text: category name | template caption | dialogue caption
-SPLITS = ("train", "validation")  # the split folders a DeepFashion2 root holds (the test annotations are not public)
+SPLITS = ("train", "validation", "test")  # split folders a root may hold; real DeepFashion2 has no public test annotations
 ATTRIBUTE_FIELDS = ("scale", "occlusion", "zoom_in", "viewpoint")
 ATTRIBUTE_LABELS: dict[str, dict[int, str]] = {
     "scale": {1: "small", 2: "moderate", 3: "large"},

@@ -94,3 +94,23 @@ def load_splits(root: str | os.PathLike, select_fraction: float = SELECT_FRACTIO
                  "select": f"train pairs held out to select on ({select_fraction:.0%} of the pairs, seed {seed})",
                  "test": "validation (the official retrieval split, reported once)"}
     return Splits(subsample_identities(train, max_train_items, seed), select, test, names)
+
+
+ROLES = ("test", "select")
+
+
+def load_role(root: str | os.PathLike, role: str = "test", select_fraction: float = SELECT_FRACTION,
+              seed: int = 0) -> tuple[pd.DataFrame, str]:
+    """The items of one role (``"test"`` or ``"select"``) and the split folder they come from, without loading
+    more than needed: test is ``test/`` when the root has one, else ``validation/``; select is ``validation/`` on
+    a root with ``test/``, else the held-out train slice of :func:`load_splits` (same ``select_fraction``, ``seed``)."""
+    root = Path(root)
+    if role not in ROLES:
+        raise ValueError(f"split role must be one of {ROLES}, got {role!r}")
+    has_test = (root / "test").is_dir()
+    if role == "test":
+        folder = "test" if has_test else "validation"
+        return df2.load_items(_split_dir(root, folder)), folder
+    if has_test:
+        return df2.load_items(_split_dir(root, "validation")), "validation"
+    return load_splits(root, select_fraction, seed).select, "train"

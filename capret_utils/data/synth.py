@@ -1,6 +1,6 @@
 """The embedded default data: a synthetic benchmark in the exact DeepFashion2 layout and schema.
 
-``generate(out_dir, config)`` writes ``<out>/{train,validation}/{image,annos}/NNNNNN.{jpg,json}`` (read unchanged
+``generate(out_dir, config)`` writes ``<out>/{train,validation,test}/{image,annos}/NNNNNN.{jpg,json}`` (read unchanged
 by :func:`capret_utils.data.df2.load_items`), ``<out>/<split>/attributes.jsonl`` (per item: ``key``, ``colour``,
 ``colour_rgb``, ``pattern``, ``pattern_colour`` — ground truth the DeepFashion2 schema has no field for) and
 ``<out>/synth.json`` (config + counts, written last). :func:`ensure_benchmark` generates only when needed, into a
@@ -52,12 +52,13 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from capret_utils.data.df2 import CATEGORY_NAMES, LANDMARK_COUNTS
 
-SYNTH_VERSION = 2
+SYNTH_VERSION = 3
 """Bumped whenever the generator's output changes; a recorded different version triggers regeneration."""
 
 MARKER = "synth.json"
 ATTRIBUTES_FILE = "attributes.jsonl"
-SPLIT_CODES = {"train": 1, "validation": 2}
+SPLIT_CODES = {"train": 1, "validation": 2, "test": 3}
+SPLITS = tuple(SPLIT_CODES)  # train (fit), validation (select), test (report once)
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "black": (28, 28, 30),
@@ -108,6 +109,7 @@ class SynthConfig:
     # 250 / 150 train pairs (the validation split does not depend on the train sizes)
     train_pairs: int = 250
     val_pairs: int = 110
+    test_pairs: int = 110  # held-out identities (none of their garments is a train or validation identity)
     train_user_per_pair: tuple[int, int] = (4, 6)
     val_user_per_pair: tuple[int, int] = (3, 5)
     shop_per_pair: tuple[int, int] = (1, 3)
@@ -125,17 +127,19 @@ class SynthConfig:
 
     @classmethod
     def demo(cls, seed: int = 0) -> "SynthConfig":
-        """The ``make demo`` size (the defaults): 250 train / 110 validation pairs, long side 256–320 px."""
+        """The ``make demo`` size (the defaults): 250 train / 110 validation / 110 test pairs, long side 256–320
+        px."""
         return cls(seed=seed)
 
     @classmethod
     def smoke(cls, seed: int = 0) -> "SynthConfig":
         """Tiny: 4 pairs per split, small images; generates in about a second (CI notebook smoke runs, tests)."""
-        return cls(seed=seed, train_pairs=4, val_pairs=4, train_user_per_pair=(2, 2), val_user_per_pair=(2, 3),
+        return cls(seed=seed, train_pairs=4, val_pairs=4, test_pairs=4, train_user_per_pair=(2, 2),
+                   val_user_per_pair=(2, 3),
                    shop_per_pair=(1, 2), image_size=(128, 160))
 
     def pairs(self, split: str) -> int:
-        return self.train_pairs if split == "train" else self.val_pairs
+        return {"train": self.train_pairs, "validation": self.val_pairs, "test": self.test_pairs}[split]
 
     def user_per_pair(self, split: str) -> tuple[int, int]:
         return self.train_user_per_pair if split == "train" else self.val_user_per_pair
@@ -144,7 +148,7 @@ class SynthConfig:
         return json.loads(json.dumps(asdict(self)))
 
     def validate(self) -> None:
-        for name in ("train_pairs", "val_pairs"):
+        for name in ("train_pairs", "val_pairs", "test_pairs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SynthConfig.{name} must be >= 1")
         for name in ("train_user_per_pair", "val_user_per_pair", "shop_per_pair", "image_size"):
@@ -411,6 +415,11 @@ def _outfit(rng: np.random.Generator, worn: list[ItemPlan], used: set, fillers: 
     return sorted(items, key=lambda it: _layer(it.look.category_id))
 
 
+def identity_factors(plans: Sequence[ImagePlan]) -> set:
+    """The factor tuples of the identities (style > 0 garments) in a split's plan."""
+    return {it.look.factors for plan in plans for it in plan.items if it.style > 0}
+
+
 def plan_split(config: SynthConfig, split: str) -> list[ImagePlan]:
     """Decide every image of a split: identities per pair, which garments each image shows, image order.
 
@@ -419,6 +428,8 @@ def plan_split(config: SynthConfig, split: str) -> list[ImagePlan]:
     """
     rng = np.random.default_rng([config.seed, SPLIT_CODES[split], 0])
     used: set = set()
+    if split == "test":  # held-out identities: no test identity is a train or validation identity
+        used = identity_factors(plan_split(config, "train")) | identity_factors(plan_split(config, "validation"))
     fillers: set = set()
     identities: list[Look] = []
 
@@ -961,12 +972,12 @@ def _write_tree(out: Path, cfg: SynthConfig, workers: int, progress: bool) -> di
     from tqdm.auto import tqdm
 
     jobs = []
-    for split in ("train", "validation"):
+    for split in SPLITS:
         split_dir = out / split
         (split_dir / "image").mkdir(parents=True)
         (split_dir / "annos").mkdir()
         jobs += [(p, split, cfg, str(split_dir)) for p in plan_split(cfg, split)]
-    results: dict[str, dict[int, tuple[dict, list]]] = {"train": {}, "validation": {}}
+    results: dict[str, dict[int, tuple[dict, list]]] = {split: {} for split in SPLITS}
     bar = tqdm(total=len(jobs), desc="synthetic benchmark", unit="img", disable=not progress, leave=False)
     try:
         if workers <= 1:
@@ -1021,7 +1032,7 @@ def _matches(marker: dict[str, Any] | None, config: SynthConfig) -> bool:
 
 
 def _default_workers(config: SynthConfig) -> int:
-    n_img = (config.train_pairs + config.val_pairs) * 6
+    n_img = (config.train_pairs + config.val_pairs + config.test_pairs) * 6
     return 1 if n_img < 300 else max(1, min(os.cpu_count() or 1, 8))
 
 
@@ -1114,11 +1125,12 @@ def read_attributes(split_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m capret_utils.data.synth",
                                 description="Generate the synthetic DeepFashion2-format benchmark.")
-    p.add_argument("--out", required=True, help="output folder (becomes <out>/{train,validation}/, synth.json)")
+    p.add_argument("--out", required=True, help="output folder (becomes <out>/{train,validation,test}/, synth.json)")
     p.add_argument("--preset", choices=("demo", "smoke"), default="demo", help="base configuration")
-    p.add_argument("--pairs", type=int, help="pairs per split (sets both --train-pairs and --val-pairs)")
+    p.add_argument("--pairs", type=int, help="pairs per split (sets --train-pairs, --val-pairs and --test-pairs)")
     p.add_argument("--train-pairs", type=int, help="train pairs (overrides --pairs)")
     p.add_argument("--val-pairs", type=int, help="validation pairs (overrides --pairs)")
+    p.add_argument("--test-pairs", type=int, help="test pairs (overrides --pairs)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed → identical files)")
     p.add_argument("--image-size", type=int, nargs=2, metavar=("MIN", "MAX"), help="long side range, pixels")
     p.add_argument("--workers", type=int, help="render processes (output does not depend on it)")
@@ -1128,11 +1140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = SynthConfig.smoke(a.seed) if a.preset == "smoke" else SynthConfig.demo(a.seed)
     updates: dict[str, Any] = {}
     if a.pairs is not None:
-        updates.update(train_pairs=a.pairs, val_pairs=a.pairs)
+        updates.update(train_pairs=a.pairs, val_pairs=a.pairs, test_pairs=a.pairs)
     if a.train_pairs is not None:
         updates["train_pairs"] = a.train_pairs
     if a.val_pairs is not None:
         updates["val_pairs"] = a.val_pairs
+    if a.test_pairs is not None:
+        updates["test_pairs"] = a.test_pairs
     if a.image_size:
         updates["image_size"] = tuple(a.image_size)
     cfg = replace(cfg, **updates)

@@ -681,7 +681,10 @@ def find_sweep_summaries(spec: str, runs_dir: str | os.PathLike | None = None) -
     return sorted(root.glob(f"*/{SUMMARY_FILE}"))
 
 
-SWEEP_METRIC_PREFIXES = ("metric.finetuned.", "metric.headline.finetuned.", "metric.headline.zero_shot.")
+SWEEP_METRIC_PREFIXES = ("metric.select.finetuned.", "metric.finetuned.", "metric.headline.finetuned.",
+                         "metric.headline.zero_shot.")
+"""Which metrics a sweep plot shows, first match wins: notebook 03's select-split metrics (sweeps tune on select,
+never on test), older runs' fine-tuned metrics, then notebook 04's headline."""
 
 
 def sweep_long(summary: pd.DataFrame, metric_prefix: str | None = None) -> tuple[pd.DataFrame, list[str]]:

@@ -84,10 +84,11 @@ def report(out: str | Path) -> str:
     finetune = out / "03_finetune" / "metrics.json"
     if finetune.is_file():
         m = json.loads(finetune.read_text())
-        for phase in ("zero_shot", "finetuned"):
-            if isinstance(m.get(phase), dict):
-                vals = ", ".join(f"{k} {v:.3f}" for k, v in m[phase].items() if isinstance(v, (int, float)))
-                lines.append(f"  03 {phase}: {vals}")
+        for role in ("select", "test"):
+            for phase in ("zero_shot", "finetuned"):
+                if isinstance(m.get(role, {}).get(phase), dict):
+                    vals = ", ".join(f"{k} {v:.3f}" for k, v in m[role][phase].items() if isinstance(v, (int, float)))
+                    lines.append(f"  03 {role} {phase}: {vals}")
     variants = out / "04_retrieval" / VARIANTS_FILE
     if variants.is_file():
         import pandas as pd

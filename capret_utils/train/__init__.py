@@ -89,7 +89,6 @@ from capret_utils.train.model import (  # noqa: F401
     build_model,
     build_tokenizer,
     caption_texts,
-    load_splits,
     model_config,
     prepare,
     tokenizer_corpus,

@@ -167,31 +167,6 @@ def prepare(config: TrainConfig, train_items: pd.DataFrame, captions: Mapping[st
 # ------------------------------------------------------------------------------------------ notebook helpers
 
 
-def load_splits(root: str | os.PathLike, max_train_items: int = 0, seed: int = 0
-                ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(train items, validation items)`` of a data root; ``max_train_items`` > 0 keeps a seeded subset of
-    whole training identities (plus nothing else) for quick runs."""
-    from capret_utils.data import df2
-    from capret_utils.runs import paths
-
-    train = df2.load_items(paths.split_dir(root, "train"))
-    val = df2.load_items(paths.split_dir(root, "validation"))
-    if max_train_items and len(train) > max_train_items:
-        ident = [df2.identity_key(p, s) for p, s in zip(train["pair_id"], train["style"])]
-        keys = sorted({i for i in ident if i is not None})
-        rng = np.random.default_rng(seed)
-        keep: set[str] = set()
-        count = 0
-        by_id = pd.Series(ident).value_counts()
-        for k in rng.permutation(keys):
-            if count >= max_train_items:
-                break
-            keep.add(k)
-            count += int(by_id[k])
-        train = train[[i in keep for i in ident]].reset_index(drop=True)
-    return train, val
-
-
 def caption_texts(config: TrainConfig, root: str | os.PathLike, run_dir: str | os.PathLike,
                   captions_path: str = "", progress: bool = True) -> dict[str, str] | None:
     """The caption store for ``use_captions="dialogue"``: ``captions_path`` (notebook 02's ``captions.jsonl``),

@@ -1,0 +1,112 @@
+"""Results over several synthetic data seeds: the whole ``make demo`` chain once per data seed, then mean ± sd.
+
+One seed's numbers are one draw of the benchmark; the README quotes this summary instead. For each data seed ``s``
+the embedded benchmark is generated with ``SynthConfig.demo(seed=s)`` (seed 0 is the default ``data/synthetic``,
+others ``data/synthetic-seed<s>``), notebooks 01-04 run into ``<out>/data-seed<s>/`` (a finished step is skipped,
+so a killed run resumes), and :func:`summarise` writes ``<out>/summary.csv`` (one row per model/variant: mean, sd
+and n of test hit@1 and mAP over the seeds, and the text source) and ``<out>/summary.json``.
+
+CLI: ``python -m capret_utils.runs.seeds --seeds 0 1 2 --out runs/seeds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from capret_utils.common import atomic_path, repo_root, write_json
+from capret_utils.data import synth
+from capret_utils.runs import demo
+
+SUMMARY_FILE = "summary.csv"
+
+
+def data_root_for(seed: int) -> Path:
+    """The embedded benchmark of data seed ``seed`` (generated on first use)."""
+    root = repo_root() / "data" / ("synthetic" if seed == 0 else f"synthetic-seed{seed}")
+    return synth.ensure_benchmark(root, synth.SynthConfig.demo(seed=seed))
+
+
+def run_seeds(seeds: Sequence[int], out: str | Path, train_seed: int = 0) -> dict[int, bool]:
+    """The demo chain for every data seed (resumable); returns ``{seed: finished}``."""
+    out = Path(out)
+    done = {}
+    for seed in seeds:
+        root = data_root_for(seed)
+        print(f"[seeds] data seed {seed}: {root}")
+        results = demo.run_pipeline(out / f"data-seed{seed}", data_root=str(root), seed=train_seed, resume=True)
+        done[seed] = len(results) == len(demo.STEPS) and all(r.get("status") == "ok" for r in results.values())
+    return done
+
+
+def collect(out: str | Path) -> pd.DataFrame:
+    """One row per (data seed, variant row) from every finished ``<out>/data-seed*/04_retrieval/variants.csv``,
+    plus notebook 03's test metrics as the ``03/crop`` rows."""
+    rows = []
+    for run in sorted(Path(out).glob("data-seed*")):
+        seed = int(run.name.removeprefix("data-seed"))
+        table = run / "04_retrieval" / demo.VARIANTS_FILE
+        if table.is_file():
+            frame = pd.read_csv(table)
+            keep = [c for c in ("name", "text_source", "top1", "mAP") if c in frame]
+            rows += [{"data_seed": seed, **r} for r in frame[keep].to_dict("records")]
+        finetune = run / "03_finetune" / "metrics.json"
+        if finetune.is_file():
+            m = json.loads(finetune.read_text())
+            for phase in ("zero_shot", "finetuned"):
+                test = m.get("test", {}).get(phase)
+                if test:
+                    rows.append({"data_seed": seed, "name": f"03 {phase} (test)", "text_source": "none",
+                                 "top1": test["top1"], "mAP": test["mAP"]})
+    return pd.DataFrame(rows)
+
+
+def summarise(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mean, sample sd and n over data seeds of test hit@1 and mAP, per row name (in first-seen order)."""
+    if not len(frame):
+        return pd.DataFrame(columns=["name", "text_source", "n_seeds", "top1_mean", "top1_sd", "mAP_mean", "mAP_sd"])
+    grouped = frame.groupby("name", sort=False)
+    out = pd.DataFrame({
+        "text_source": grouped["text_source"].first(),
+        "n_seeds": grouped["data_seed"].nunique(),
+        "seeds": grouped["data_seed"].apply(lambda s: " ".join(str(v) for v in sorted(s))),
+        "top1_mean": grouped["top1"].mean(), "top1_sd": grouped["top1"].std(ddof=1),
+        "mAP_mean": grouped["mAP"].mean(), "mAP_sd": grouped["mAP"].std(ddof=1),
+    }).reset_index()
+    return out
+
+
+def write_summary(out: str | Path) -> pd.DataFrame:
+    """Collect, summarise and write ``summary.csv`` / ``summary.json`` into ``out``."""
+    out = Path(out)
+    summary = summarise(collect(out))
+    with atomic_path(out / SUMMARY_FILE) as tmp:
+        summary.to_csv(tmp, index=False)
+    write_json(out / "summary.json", {"rows": summary.to_dict("records")})
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m capret_utils.runs.seeds", description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="synthetic data seeds")
+    parser.add_argument("--out", default=str(repo_root() / "runs" / "seeds"), help="output folder")
+    parser.add_argument("--train-seed", type=int, default=0, help="training seed of every run")
+    parser.add_argument("--summary-only", action="store_true", help="only re-summarise finished runs")
+    args = parser.parse_args(argv)
+    started = time.time()
+    done = {} if args.summary_only else run_seeds(args.seeds, args.out, args.train_seed)
+    summary = write_summary(args.out)
+    with pd.option_context("display.width", 200, "display.max_rows", 100):
+        print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"[seeds] {'done' if all(done.values()) else 'INCOMPLETE'} in {time.time() - started:.0f} s: {done}")
+    return 0 if all(done.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""capret_utils.runs.seeds: collecting every data seed's test results and their mean ± sd."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from capret_utils.runs import seeds
+
+
+def _fake_run(out, seed, crop_top1, gallery_top1):
+    run = out / f"data-seed{seed}"
+    (run / "04_retrieval").mkdir(parents=True)
+    (run / "03_finetune").mkdir()
+    pd.DataFrame([{"name": "fine-tuned/crop", "text_source": "none", "top1": crop_top1, "mAP": crop_top1 + 0.01},
+                  {"name": "fine-tuned/crop+dialogue-gallery", "text_source": "gallery-only", "top1": gallery_top1,
+                   "mAP": gallery_top1}]).to_csv(run / "04_retrieval" / "variants.csv", index=False)
+    (run / "03_finetune" / "metrics.json").write_text(json.dumps(
+        {"test": {"zero_shot": {"top1": 0.05, "mAP": 0.1}, "finetuned": {"top1": crop_top1, "mAP": 0.9}},
+         "select": {"finetuned": {"top1": 1.0, "mAP": 1.0}}}))
+
+
+def test_summary_is_mean_and_sample_sd_over_seeds(tmp_path):
+    for seed, a, b in ((0, 0.8, 0.9), (1, 0.9, 0.9), (2, 1.0, 0.6)):
+        _fake_run(tmp_path, seed, a, b)
+    summary = seeds.write_summary(tmp_path).set_index("name")
+    crop = summary.loc["fine-tuned/crop"]
+    assert crop["n_seeds"] == 3 and crop["seeds"] == "0 1 2"
+    assert crop["top1_mean"] == pytest.approx(0.9) and crop["top1_sd"] == pytest.approx(0.1)
+    assert summary.loc["fine-tuned/crop+dialogue-gallery", "top1_mean"] == pytest.approx(0.8)
+    assert summary.loc["fine-tuned/crop+dialogue-gallery", "text_source"] == "gallery-only"
+    # notebook 03's test numbers, never its select numbers
+    assert summary.loc["03 finetuned (test)", "mAP_mean"] == pytest.approx(0.9)
+    assert (tmp_path / "summary.csv").is_file() and (tmp_path / "summary.json").is_file()
+
+
+def test_empty_folder_gives_an_empty_summary(tmp_path):
+    assert seeds.write_summary(tmp_path).empty
