@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 from capret_utils import captions as C  # noqa: E402
 from capret_utils.runs import paths  # noqa: E402
-from capret_utils import testing  # noqa: E402
+from capret_utils.captions import tiny as testing  # noqa: E402
 
 
 def _phi3_mini_checkpoint(model_dir: Path, device: str) -> Path:

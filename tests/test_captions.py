@@ -17,7 +17,7 @@ import pytest
 
 import captions_helpers as H
 from capret_utils import captions as C
-from capret_utils import testing
+from capret_utils.captions import tiny as testing
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

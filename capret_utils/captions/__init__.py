@@ -19,7 +19,7 @@ This module owns everything that turns an items-table row into a caption:
 * :class:`CaptionStore` — ``captions.jsonl``, one JSON object per item, appended and fsync'ed per batch; a
   restarted run skips finished keys; a torn last line (a run killed mid-write) is reported by readers and cut
   off before appending. :func:`load_captions` is what fine-tuning and retrieval call.
-* :func:`capret_utils.testing.build_tiny_models` — tiny random Phi-3 / BLIP / BLIP-2 checkpoints built offline from configs and saved
+* :func:`capret_utils.captions.tiny.build_tiny_models` — tiny random Phi-3 / BLIP / BLIP-2 checkpoints built offline from configs and saved
   with ``save_pretrained``, so tests and smoke runs load them through the same ``from_pretrained`` path as a
   user's model id.
 
@@ -27,7 +27,7 @@ torch / transformers are imported lazily: template captions, the store and the s
 neither.
 
 Submodules: ``template``, ``dialogue`` (protocols, scripted questioner, attribute answerer, captioners),
-``views``, ``hf`` (loading, 4-bit), ``llm`` (LLM questioner), ``vqa`` (VQA answerer), ``store``, ``runner``
+``views``, ``hf`` (loading, 4-bit), ``tiny`` (tiny random models for tests and smoke runs), ``llm`` (LLM questioner), ``vqa`` (VQA answerer), ``store``, ``runner``
 (run_captioning, notebook 02 setup, reports). Their public names are re-exported here.
 """
 

@@ -32,7 +32,7 @@ from capret_utils.captions.template import _require_columns, template_caption
 from capret_utils.captions.vqa import VQAAnswerer, VQAConfig
 from capret_utils.common import resolve_device
 from capret_utils.data.df2 import SPLITS
-from capret_utils.testing import build_tiny_models
+from capret_utils.captions.tiny import build_tiny_models
 
 # --------------------------------------------------------------------------------------------------- runner
 

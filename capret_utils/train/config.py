@@ -79,7 +79,7 @@ class TrainConfig:
         lr: peak AdamW learning rate of the model (backbone; heads use lr x head_lr_mult), > 0.
         lr_arcface: peak learning rate of the ArcFace class weights, > 0.
         head_lr_mult: learning-rate multiplier of the projections, ITM and box heads.
-        weight_decay: AdamW weight decay (not applied to biases, norms, embeddings or the temperature).
+        weight_decay: AdamW weight decay, not applied to 1-d parameters (biases, norm weights) or the temperature.
         warmup: linear warm-up, fraction of the optimizer steps in [0, 1).
         schedule: decay after warm-up, "cosine" or "linear".
         epochs: passes over the training identities; one pass = n_identities // (batch_size / per_identity)
