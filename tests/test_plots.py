@@ -278,3 +278,18 @@ def test_sweep_metric_lines(tmp_path):
     assert ys == [0.1, 0.2, 0.3, 0.4]
     none = plots.sweep_metric(long.iloc[0:0], [])
     assert "no finished runs" in none.get_axes()[0].texts[0].get_text()
+
+
+def test_variant_metrics_hatches_exactly_the_oracle_rows_and_draws_intervals():
+    table = pd.DataFrame({
+        "name": ["fine-tuned/crop", "fine-tuned/crop+template-late", "zero-shot/crop", "zero-shot/crop+itm"],
+        "model": ["fine-tuned", "fine-tuned", "zero-shot", "zero-shot"],
+        "oracle": [False, True, False, True], "top1": [0.8, 0.9, 0.1, 0.05], "top1_lo": [0.7, 0.85, 0.05, 0.01],
+        "top1_hi": [0.85, 0.95, 0.15, 0.1], "top10": [0.9, 0.95, 0.3, 0.2], "mAP": [0.8, 0.9, 0.1, 0.1]})
+    fig = plots.variant_metrics(table)
+    ax = fig.axes[0]
+    hatched = {int(round(p.get_y() + p.get_height() / 2)): bool(p.get_hatch()) for p in ax.patches
+               if p.get_width() > 0}
+    assert hatched == {0: False, 1: True, 2: False, 3: True}
+    assert [t.get_text() for t in ax.get_yticklabels()][1].endswith("[oracle]")
+    assert len(ax.collections) >= 1  # the interval bars

@@ -413,8 +413,9 @@ def variant_metrics(table: pd.DataFrame, metrics: tuple[str, ...] = ("top1", "to
         sns.barplot(data=table, y="row", x=m, hue="model", dodge=False, ax=ax, orient="h")
         for container in ax.containers:
             ax.bar_label(container, fmt="%.2f", fontsize=7, padding=2)
-        for patch, is_oracle in zip(sorted(ax.patches, key=lambda r: r.get_y()), oracle):
-            if is_oracle:
+        for patch in ax.patches:  # the bar's row is the category position at its centre
+            row = int(round(patch.get_y() + patch.get_height() / 2))
+            if 0 <= row < len(table) and oracle.iloc[row] and patch.get_width() > 0:
                 patch.set_hatch("//")
         if f"{m}_lo" in table and f"{m}_hi" in table:
             lo, hi, val = table[f"{m}_lo"].to_numpy(float), table[f"{m}_hi"].to_numpy(float), table[m].to_numpy(float)
