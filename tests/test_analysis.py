@@ -15,6 +15,7 @@ from _items_fixture import make_items
 from capret_utils import common
 from capret_utils.common import repo_root
 from capret_utils.evaluation import analysis, metrics
+from capret_utils.viz import variant_views
 from capret_utils.runs import sweep
 
 
@@ -167,12 +168,12 @@ def test_sweep_long_and_summary_discovery(tmp_path):
                   "status": ["ok", "ok", "failed"], "metric.finetuned.top1": [0.1, 0.3, None],
                   "metric.finetuned.mAP": [0.2, 0.4, None], "metric.zero_shot.top1": [0.0, 0.0, None]}
                  ).to_csv(folder / "summary.csv", index=False)
-    assert analysis.find_sweep_summaries("", tmp_path / "runs") == [folder / "summary.csv"]
-    assert analysis.find_sweep_summaries(str(folder)) == [folder / "summary.csv"]
-    assert analysis.find_sweep_summaries("none") == []
+    assert sweep.find_summaries("", tmp_path / "runs") == [folder / "summary.csv"]
+    assert sweep.find_summaries(str(folder)) == [folder / "summary.csv"]
+    assert sweep.find_summaries("none") == []
     with pytest.raises(FileNotFoundError, match="sweep_summary"):
-        analysis.find_sweep_summaries(str(tmp_path / "nope.csv"))
-    long, varying = analysis.sweep_long(sweep.load_summary(folder))
+        sweep.find_summaries(str(tmp_path / "nope.csv"))
+    long, varying = sweep.long_form(sweep.load_summary(folder))
     assert varying == ["param.margin"]  # use_captions does not vary; the failed run is dropped
     assert sorted(long["metric"].unique()) == ["mAP", "top1"]
     assert long[long["metric"] == "top1"]["value"].tolist() == [0.1, 0.3]
@@ -279,7 +280,8 @@ def test_failure_views_hold_exactly_the_failures(items):
     name = f"capret-test-analysis-{uuid.uuid4().hex[:8]}"
     ds = cfo.build_dataset(items, name, cfo.BuildConfig(persistent=False))
     try:
-        views = analysis.write_fiftyone(ds, pq, table, k=10, worst=3, compare=analysis.default_comparisons(table))
+        views = variant_views.write_fiftyone(ds, pq, table, k=10, worst=3,
+                                             compare=variant_views.default_comparisons(table))
         bad_keys = {queries["key"][0], queries["key"][5]}
         fail_b = cfo.failure_view_name("zero-shot/crop", 10)
         assert views[fail_b] == 2 and views[cfo.failure_view_name("fine-tuned/crop", 10)] == 0

@@ -88,6 +88,7 @@ def small_run(app_dataset, tmp_path_factory):
     """Per-query results of a small retrieval run (seeded random embeddings scored by the real evaluator) written
     into the served dataset with its failure views, as notebook 04 writes them. Returns (failures view, count)."""
     from capret_utils.evaluation import analysis, metrics
+    from capret_utils.viz import variant_views
 
     items = make_items(tmp_path_factory.mktemp("browser-run"), n_pairs=3)  # same keys as app_dataset
     queries, gallery = metrics.item_sets(items)
@@ -99,7 +100,7 @@ def small_run(app_dataset, tmp_path_factory):
                                     res.per_query)
     table, per_query = analysis.variant_table([result]), analysis.per_query_table([result])
     k = 1  # the fixture's gallery has 9 items, so every query is found in the top 10: show the top-1 failures
-    views = analysis.write_fiftyone(app_dataset, per_query, table, k=k)
+    views = variant_views.write_fiftyone(app_dataset, per_query, table, k=k)
     name = cfo.failure_view_name("fine-tuned/crop", k)
     expected = int((~per_query["hit@1"].astype(bool)).sum())
     assert views[name] == expected > 0

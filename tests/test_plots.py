@@ -10,13 +10,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+from _items_fixture import make_items  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from capret_utils.data import df2  # noqa: E402
+from capret_utils.evaluation import analysis  # noqa: E402
 from capret_utils.viz import plots
-from _items_fixture import make_items  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +224,6 @@ def test_variant_metrics_bars_show_the_table(retrieval_run):
 
 
 def test_breakdown_figures(retrieval_run, items):
-    from capret_utils.evaluation import analysis
 
     _, per_query = retrieval_run
     bd = analysis.breakdowns(per_query, items, ("occlusion", "category_name"))
@@ -247,7 +247,6 @@ def test_category_error_share_figure(retrieval_run):
 
 
 def test_error_gallery_draws_query_top5_and_match(retrieval_run, items, tmp_path):
-    from capret_utils.evaluation import analysis
 
     _, per_query = retrieval_run
     examples = analysis.error_examples(per_query, "zero-shot/crop", n=2, seed=0)
@@ -265,12 +264,12 @@ def test_error_gallery_draws_query_top5_and_match(retrieval_run, items, tmp_path
 
 
 def test_sweep_metric_lines(tmp_path):
-    from capret_utils.evaluation import analysis
+    from capret_utils.runs import sweep
 
     summary = pd.DataFrame({"param.margin": [0.05, 0.2, 0.05, 0.2], "param.use_captions": ["none", "none",
                             "dialogue", "dialogue"], "status": "ok",
                             "metric.finetuned.top1": [0.1, 0.2, 0.3, 0.4], "metric.finetuned.mAP": [0.2, 0.3, 0.4, 0.5]})
-    long, varying = analysis.sweep_long(summary)
+    long, varying = sweep.long_form(summary)
     fig = plots.sweep_metric(long, varying)
     ax = fig.get_axes()[0]
     assert ax.get_xlabel() == "margin" and len(ax.get_lines()) >= 2

@@ -85,7 +85,9 @@ from capret_utils.captions.store import (  # noqa: F401
     CAPTIONS_FILE,
     CaptionStore,
     StoreReport,
+    dialogue_source,
     load_captions,
+    load_captions_optional,
 )
 from capret_utils.captions.template import (  # noqa: F401
     OCCLUSION_WORDS,

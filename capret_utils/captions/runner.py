@@ -29,10 +29,10 @@ from capret_utils.captions.dialogue import (
 from capret_utils.captions.llm import ChatLLMQuestioner, LLMConfig
 from capret_utils.captions.store import CaptionStore
 from capret_utils.captions.template import _require_columns, template_caption
+from capret_utils.captions.tiny import build_tiny_models
 from capret_utils.captions.vqa import VQAAnswerer, VQAConfig
 from capret_utils.common import resolve_device
 from capret_utils.data.df2 import SPLITS
-from capret_utils.captions.tiny import build_tiny_models
 
 # --------------------------------------------------------------------------------------------------- runner
 

@@ -255,3 +255,16 @@ def load_captions(path: str | os.PathLike, method: str | None = None) -> dict[st
     return out
 
 
+def dialogue_source(path: str) -> str:
+    """``"oracle"`` when any record of notebook 02's ``captions.jsonl`` at ``path`` was answered from the ground
+    truth (the attribute answerer), else ``"pixel"`` (a VQA model that saw only the photo answered)."""
+    store = CaptionStore(Path(path) / "captions.jsonl" if Path(path).is_dir() else Path(path))
+    answerers = {str(r.get("answerer", "")) for r in store.records() if r.get("method") == "dialogue"}
+    return "oracle" if not answerers or "attributes" in answerers else "pixel"
+
+
+def load_captions_optional(path: str) -> dict[str, str] | None:
+    """Dialogue captions from notebook 02's ``captions.jsonl``, or None when ``path`` is empty."""
+    if not str(path).strip():
+        return None
+    return load_captions(path)

@@ -24,6 +24,7 @@ import datetime as _dt
 import hashlib
 import itertools
 import json
+import os
 import re
 import sys
 import time
@@ -285,6 +286,44 @@ def load_summary(path: str | Path) -> pd.DataFrame:
     if path.is_dir():
         path = path / SUMMARY_FILE
     return pd.read_csv(path)
+
+
+def find_summaries(spec: str, runs_dir: str | os.PathLike | None = None) -> list[Path]:
+    """``spec`` = a summary.csv, a sweep folder, ``""`` (every ``runs/*/summary.csv``) or ``"none"``."""
+    if str(spec).strip().lower() == "none":
+        return []
+    if str(spec).strip():
+        path = Path(spec).expanduser()
+        path = path / SUMMARY_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"sweep_summary {spec!r}: {path} does not exist (a summary.csv written by "
+                                    f"python -m capret_utils.runs.sweep, or its folder)")
+        return [path]
+    root = Path(runs_dir) if runs_dir else repo_root() / "runs"
+    return sorted(root.glob(f"*/{SUMMARY_FILE}"))
+
+
+SWEEP_METRIC_PREFIXES = ("metric.select.finetuned.", "metric.finetuned.", "metric.headline.finetuned.",
+                         "metric.headline.zero_shot.")
+"""Which metrics a sweep plot shows, first match wins: notebook 03's select-split metrics (sweeps tune on select,
+never on test), older runs' fine-tuned metrics, then notebook 04's headline."""
+
+
+def long_form(summary: pd.DataFrame, metric_prefix: str | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """Finished runs of a sweep summary in long form (one row per run and metric) and the varying parameters
+    (those with more than one value). ``metric_prefix`` None: notebook 03's ``metric.finetuned.``, else 04's
+    ``metric.headline.finetuned.`` / ``metric.headline.zero_shot.``, whichever the summary has."""
+    ok = summary[summary.get("status", pd.Series("ok", index=summary.index)) == "ok"]
+    params = [c for c in ok.columns if c.startswith("param.")]
+    varying = [c for c in params if ok[c].astype(str).nunique() > 1]
+    varying.sort(key=lambda c: not pd.api.types.is_numeric_dtype(ok[c]))  # a numeric parameter goes on the x axis
+    if metric_prefix is None:
+        metric_prefix = next((p for p in SWEEP_METRIC_PREFIXES if any(c.startswith(p) for c in ok.columns)),
+                             SWEEP_METRIC_PREFIXES[0])
+    mcols = [c for c in ok.columns if c.startswith(metric_prefix)]
+    long = ok.melt(id_vars=params, value_vars=mcols, var_name="metric", value_name="value")
+    long["metric"] = long["metric"].str.removeprefix(metric_prefix)
+    return long, varying
 
 
 def main(argv: list[str] | None = None) -> int:

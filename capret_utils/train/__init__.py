@@ -70,10 +70,10 @@ from capret_utils.train.criterion import (  # noqa: F401
     compute_losses,
 )
 from capret_utils.train.loop import (  # noqa: F401
+    EpochBatches,
     FinetuneResult,
     build_arcfaces,
     build_optimizer,
-    EpochBatches,
     build_scheduler,
     deterministic_algorithms,
     evaluate,

@@ -18,7 +18,7 @@ Retrieval results are attached per query *item* on the detection attributes (``s
 ``attach_results(level="item")``), so the saved patches view ``query-items`` shows one patch per query with its
 results; per query *image* results go on sample fields (``level="image"``). Field names are
 ``<variant>_<name>`` (``result_field``) so several variants live side by side. Retrieval failure views
-(``save_failure_views`` / ``save_comparison_view``, written by notebook 04 through ``analysis.write_fiftyone``):
+(``save_failure_views`` / ``save_comparison_view``, written by notebook 04 through ``viz.variant_views.write_fiftyone``):
 ``failures-top<k>-<variant>`` (no match in the top k), ``worst-ap-<variant>`` (lowest AP first) and
 ``top<k>-<a>-not-<b>`` (match in the top k of variant a but not of b).
 

@@ -525,7 +525,7 @@ def error_gallery(examples: pd.DataFrame, items: pd.DataFrame, title: str = "", 
 def sweep_metric(long: pd.DataFrame, varying: list[str], metrics: tuple[str, ...] = ("top1", "mAP"),
                  title: str = "") -> Figure:
     """Metric vs the first varying parameter (hue = the second, if any), one panel per metric
-    (``analysis.sweep_long``)."""
+    (``runs.sweep.long_form``)."""
     import seaborn as sns
 
     shown = [m for m in metrics if m in set(long["metric"])]

@@ -12,7 +12,13 @@ Submodules: ``config`` (X2VLMConfig, presets), ``modeling`` (X2VLMModel), ``conv
 ``processing`` (images, captions, tokenizer), ``lora`` (peft LoRA), ``memory`` (training memory estimate).
 """
 
-from capret_utils.x2vlm.config import CLIP_MEAN, CLIP_STD, PRESETS, RANDOM_INIT_PRESETS, X2VLMConfig
+from capret_utils.x2vlm.config import (
+    CLIP_MEAN,
+    CLIP_STD,
+    PRESETS,
+    RANDOM_INIT_PRESETS,
+    X2VLMConfig,
+)
 from capret_utils.x2vlm.convert import (
     LoadReport,
     OfficialCheckpointError,
