@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from capret_utils.data import df2
+from capret_utils.data import df2, df2_reader
 from capret_utils.data.df2 import DeepFashion2FormatError
 
 W, H = 120, 90  # size of the hand-made images
@@ -555,10 +555,10 @@ def test_fast_jpeg_header_matches_pillow(tmp_path: Path, kw: dict):
     Image.fromarray(arr, mode).save(p, format="JPEG", **kw)
     with Image.open(p) as im:
         expect = im.size
-    fast = df2._jpeg_header_size(p.read_bytes()[:65536])
+    fast = df2_reader._jpeg_header_size(p.read_bytes()[:65536])
     assert fast in (expect, None)  # None only when the frame header lies past 64 KiB (Pillow then reads it)
-    assert df2._image_size(str(p), "header") == expect == (53, 37)
-    assert df2._image_size(str(p), "full") == expect
+    assert df2_reader._image_size(str(p), "header") == expect == (53, 37)
+    assert df2_reader._image_size(str(p), "full") == expect
 
 
 def test_png_images_are_read_through_pillow(tmp_path: Path):

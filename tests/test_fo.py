@@ -8,9 +8,9 @@ import uuid
 import numpy as np
 import pandas as pd
 import pytest
+from _items_fixture import make_items
 
 from capret_utils.viz import fo as cfo
-from _items_fixture import make_items
 
 # ------------------------------------------------------------------------------------ pure helpers (no DB)
 
@@ -261,9 +261,11 @@ def test_attach_item_and_image_results(dataset, items):
 
 @pytest.mark.fiftyone
 def test_launch_refuses_remote_in_a_notebook(dataset, monkeypatch):
-    monkeypatch.setattr(cfo, "in_notebook", lambda: True)
+    from capret_utils.viz import fo_session
+
+    monkeypatch.setattr(fo_session, "in_notebook", lambda: True)
     with pytest.raises(ValueError, match="remote=True cannot be used from a notebook"):
-        cfo.launch(dataset, remote=True)
+        fo_session.launch(dataset, remote=True)
 
 
 # ------------------------------------------------------------------------------------ retrieval failure views

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from capret_utils.evaluation import metrics as M
+from capret_utils.evaluation import ranking
 from capret_utils.evaluation.retrieval import exact_search
 
 KS = (1, 5, 10, 15, 20)
@@ -450,7 +451,7 @@ def test_numpy_engine_without_threadpoolctl_runs_one_worker(monkeypatch):
     rng = np.random.default_rng(21)
     Q, G = int_embeddings(rng, 30), int_embeddings(rng, 200)
     ql, gl = rng.integers(-1, 10, 30), rng.integers(-1, 10, 200)
-    monkeypatch.setattr(M, "_blas_single_thread", lambda: None)
+    monkeypatch.setattr(ranking, "_blas_single_thread", lambda: None)  # the engine lives in evaluation.ranking
     cfg = M.EvalConfig(engine="numpy", query_batch=4, num_threads=2, norm_tol=np.inf, progress=True)
     ref_m, ref = naive_eval(Q, G, ql, gl)
     assert_matches(M.evaluate(Q, G, ql, gl, config=cfg), ref_m, ref)

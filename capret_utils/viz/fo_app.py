@@ -14,7 +14,7 @@ From Python (tests, notebooks that want a picture of the App)::
 
 ``AppServer`` starts ``serve`` in a subprocess on a free port, waits until the App answers, and on exit sends
 SIGTERM and checks that every process the server started is gone and nothing listens on the port
-(``ShutdownReport``). ``serve`` closes the App before the process exits (``capret_utils.viz.fo.install_shutdown``):
+(``ShutdownReport``). ``serve`` closes the App before the process exits (``capret_utils.viz.fo_session.install_shutdown``):
 with only a SIGTERM handler, FiftyOne's database service stops ``mongod`` first and the orphaned server then
 sits ~30 s in a MongoDB timeout holding the port (measured on fiftyone 1.22.1).
 """
@@ -137,10 +137,11 @@ def app_url(dataset: str, view: str = "", port: int = 5151, address: str = "127.
 def serve(config: ServeConfig) -> int:
     """Serve ``config.dataset`` until SIGTERM / Ctrl-C (the ``serve`` command); prints a ready line with the URL."""
     from capret_utils.viz import fo as cfo
+    from capret_utils.viz import fo_session
 
     port = config.port or free_port(config.address if config.address != "0.0.0.0" else "127.0.0.1")
     dataset = cfo.load_dataset(config.dataset)
-    session = cfo.launch(dataset, view=config.view or None, port=port, remote=True, address=config.address)
+    session = fo_session.launch(dataset, view=config.view or None, port=port, remote=True, address=config.address)
     url = app_url(config.dataset, config.view, port, config.address)
     print(f"{READY_MARK} {json.dumps({'url': url, 'port': port, 'pid': os.getpid()})}", flush=True)
     try:
@@ -149,7 +150,7 @@ def serve(config: ServeConfig) -> int:
     except KeyboardInterrupt:
         pass
     finally:  # runs on SIGTERM too (install_shutdown turns it into SystemExit)
-        cfo._close_session(session)
+        fo_session._close_session(session)
     return 0
 
 
@@ -419,8 +420,8 @@ def serve_and_render(config: ServeConfig, out_dir: str | Path, expect: Sequence[
 
 
 def main(argv: list[str] | None = None) -> int:
-    # SIGTERM during start-up must also run the exit hooks (see capret_utils.viz.fo.install_shutdown)
-    from capret_utils.viz.fo import _raise_system_exit
+    # SIGTERM during start-up must also run the exit hooks (see capret_utils.viz.fo_session.install_shutdown)
+    from capret_utils.viz.fo_session import _raise_system_exit
 
     signal.signal(signal.SIGTERM, _raise_system_exit)
     parser = argparse.ArgumentParser(prog="python -m capret_utils.viz.fo_app", description=__doc__.split("\n")[0])
