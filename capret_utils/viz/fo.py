@@ -24,9 +24,10 @@ results; per query *image* results go on sample fields (``level="image"``). Fiel
 
 Rebuilding is idempotent and atomic: the dataset is built under a temporary name and renamed when complete.
 
-The App: ``launch`` works in a notebook (inline) and in a script. An exit hook (and, in a script, a SIGTERM
-handler) stops the App server *before* the process and FiftyOne's database service go, so no server or
-``mongod`` outlives it (``docs/environment.md`` §4.5; why the handler alone is not enough: ``_close_session``).
+The App (in the sibling :mod:`capret_utils.viz.fo_session`): ``fo_session.launch`` works in a notebook (inline) and
+in a script. An exit hook (and, in a script, a SIGTERM handler) stops the App server *before* the process and
+FiftyOne's database service go, so no server or ``mongod`` outlives it (``docs/environment.md`` §4.5; why the
+handler alone is not enough: ``_close_session``).
 ``python -m capret_utils.viz.fo_app serve`` serves a dataset from a terminal; ``capret_utils.viz.fo_app`` also holds the
 subprocess server and headless-Chromium helpers used by the browser test.
 """
