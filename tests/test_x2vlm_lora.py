@@ -202,3 +202,31 @@ def test_activation_estimate_agrees_with_what_autograd_saves(dtype):
     estimated = (est.vision_activations_gb + est.text_activations_gb + est.fusion_activations_gb
                  + est.autocast_weight_copies_gb) * GB
     assert 0.75 < estimated / measured < 1.4, (estimated, measured)
+
+
+def test_estimate_counts_every_pass_of_a_step():
+    from capret_utils.x2vlm import StepPasses
+
+    cfg = X2VLMConfig.preset("base")
+    plain = StepPasses(crops=16, texts=16, itm_pairs=48)
+    est = estimate_training_memory(cfg, 16, image_res=384, passes=plain)
+    assert est.passes == plain.as_dict() and est.settings["image_res"] == 384
+    recoloured = estimate_training_memory(cfg, 16, image_res=384, passes=StepPasses(**{**plain.as_dict(),
+                                                                                     "recoloured": 16}))
+    boxes = estimate_training_memory(cfg, 16, image_res=384, passes=StepPasses(**{**plain.as_dict(),
+                                                                                "box_images": 4}))
+    # the recoloured copies are a second vision pass as big as the crops'; box photos go through vision + fusion
+    assert recoloured.by_pass_gb["recoloured"] == pytest.approx(est.by_pass_gb["crops"])
+    assert recoloured.vision_activations_gb == pytest.approx(2 * est.vision_activations_gb)
+    assert boxes.fusion_activations_gb > est.fusion_activations_gb
+    assert boxes.vision_activations_gb == pytest.approx(est.vision_activations_gb * 20 / 16)
+    assert recoloured.autocast_weight_copies_gb > est.autocast_weight_copies_gb  # one more autocast region
+    for lora_rank in (16, 0):
+        for dtype in ("bf16", "fp32"):
+            on = estimate_training_memory(cfg, 16, image_res=384, passes=plain, lora_rank=lora_rank, dtype=dtype,
+                                          gradient_checkpointing=True)
+            off = estimate_training_memory(cfg, 16, image_res=384, passes=plain, lora_rank=lora_rank, dtype=dtype)
+            assert on.activations_gb < 0.2 * off.activations_gb, (lora_rank, dtype)
+    assert "crops 16" in est.summary() and "itm_pairs 48" in est.summary()
+    with pytest.raises(ValueError, match="attention"):
+        estimate_training_memory(cfg, 1, attention="flash")

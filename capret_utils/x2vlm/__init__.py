@@ -39,6 +39,7 @@ from capret_utils.x2vlm.lora import (
 )
 from capret_utils.x2vlm.memory import (
     MemoryEstimate,
+    StepPasses,
     estimate_training_memory,
     measure_saved_activations,
 )
@@ -66,7 +67,7 @@ register_auto_classes()
 
 __all__ = [
     "BERT_SPECIAL_IDS", "CLIP_MEAN", "RANDOM_INIT_PRESETS", "build_model", "CLIP_STD", "COMPACT_SPECIAL_IDS", "LORA_TARGETS", "PRESETS", "TEMP_MAX",
-    "TEMP_MIN", "ImageSettings", "LoadReport", "LoraSettings", "MemoryEstimate", "OfficialCheckpointError",
+    "TEMP_MIN", "ImageSettings", "LoadReport", "LoraSettings", "MemoryEstimate", "OfficialCheckpointError", "StepPasses",
     "TextSettings", "X2VLMConfig", "X2VLMImageProcessor", "X2VLMModel", "X2VLMOutput", "X2VLMTokenizer",
     "apply_lora", "build_wordpiece_tokenizer", "check_tokenizer", "config_from_official",
     "estimate_training_memory", "fashion_caption_corpus", "load_official_checkpoint", "measure_saved_activations",

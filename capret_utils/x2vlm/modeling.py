@@ -152,6 +152,20 @@ class X2VLMModel(PreTrainedModel):
         super().set_attn_implementation(attn_implementation, **kwargs)
         self._fusion_config._attn_implementation_internal = self.config._attn_implementation
 
+    def set_layer_checkpointing(self, enabled: bool = True) -> None:
+        """Gradient checkpointing of every BEiT, BERT and fusion layer (transformers' non-reentrant checkpointing):
+        in training each layer keeps only its inputs and recomputes its activations in backward. Works with LoRA
+        layers injected by peft; evaluation (``eval()`` or ``no_grad``) is unaffected."""
+        if enabled:
+            if hasattr(self, "activation_checkpointing_enable"):
+                self.activation_checkpointing_enable({"use_reentrant": False})
+            else:  # transformers < 5
+                self.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(self, "activation_checkpointing_disable"):
+            self.activation_checkpointing_disable()
+        else:
+            self.gradient_checkpointing_disable()
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.text_encoder.embeddings.word_embeddings
 
