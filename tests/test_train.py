@@ -437,3 +437,182 @@ def test_loader_built_once_gives_the_same_run_with_worker_processes(splits, tmp_
     b = train.finetune(train.prepare(replace(cfg, num_workers=2), splits[0]), tmp_path / "w2", stop_after=7).history
     assert list(a["epoch"]) == list(b["epoch"]) and a["epoch"].iloc[-1] >= 1
     assert np.allclose(a["loss"], b["loss"], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- real GPUs
+def _plain_model(preset: str = "tiny", **overrides) -> torch.nn.Module:
+    from capret_utils.x2vlm import X2VLMConfig, X2VLMModel
+
+    torch.manual_seed(0)
+    model = X2VLMModel(X2VLMConfig.preset(preset, **overrides))
+    model.set_attn_implementation("sdpa")
+    return model.train()
+
+
+def _step_grads(model, cfg, batch, arcface, category):
+    model.zero_grad(set_to_none=True)
+    arcface.zero_grad(set_to_none=True)
+    criterion = train.Criterion(cfg, arcface, category, torch.Generator().manual_seed(3), torch.device("cpu"))
+    torch.manual_seed(11)  # dropout / drop-path masks
+    terms = criterion(model, batch)
+    criterion.total(terms, 1).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, terms
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """Every BEiT / BERT / fusion layer recomputed in backward (tiny preset with dropout and drop-path, every loss
+    term): the same loss terms and gradients within float tolerance; evaluation is unaffected; off again after."""
+    cfg = _cfg(w_arcface_fused=0.5, category_recolour=4)
+    plain, ckpt = _plain_model(), _plain_model()
+    ckpt.set_layer_checkpointing(True)
+    batch = train.synthetic_batch(plain.config, cfg, text_len=12)
+    arc, cat = train.build_arcfaces(cfg, cfg.batch_size, plain.config.embed_dim)
+    g0, t0 = _step_grads(plain, cfg, batch, arc, cat)
+    g1, t1 = _step_grads(ckpt, cfg, batch, arc, cat)
+    assert set(t0) == set(t1) == {"itc", "itm", "box_l1", "box_giou", "arcface", "arcface_fused", "category"}
+    assert all(torch.allclose(t0[k], t1[k], atol=1e-6) for k in t0)
+    assert set(g0) == set(g1) and len(g0) > 50
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], rtol=1e-4, atol=1e-6), name
+    layers = [m for m in ckpt.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    assert len(layers) >= 2 + 2 + 2  # vision, text and fusion layers of the tiny preset
+    ckpt.set_layer_checkpointing(False)
+    assert not any(getattr(m, "gradient_checkpointing", False) is True for m in ckpt.modules())
+
+
+def test_grad_accum_gives_the_same_update_for_per_sample_losses_not_in_batch_negatives():
+    """B items in one batch vs two micro-batches of B/2 accumulated: the same gradients and update for ArcFace
+    (a mean of per-sample terms); ITC takes its negatives within each micro-batch, so it differs."""
+    no_dropout = dict(vision_drop_path_rate=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+    def run(cfg, batches):
+        model = _plain_model(**no_dropout)
+        torch.manual_seed(5)
+        arc, _ = train.build_arcfaces(cfg, 8, model.config.embed_dim)
+        criterion = train.Criterion(cfg, arc, None, torch.Generator().manual_seed(3), torch.device("cpu"))
+        opt = train.build_optimizer(model, arc, cfg)
+        sched = train.build_scheduler(opt, 10, cfg)
+        train.train_step(model, criterion, opt, sched, iter(batches), cfg, 0)
+        return ({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                {n: p.detach().clone() for n, p in model.named_parameters()})
+
+    def halves(batch):
+        return [{k: v[i * 4:(i + 1) * 4] for k, v in batch.items()} for i in range(2)]
+
+    for weights, same in ((dict(w_itc=0, w_itm=0, w_box=0, w_category=0), True),
+                          (dict(w_itc=1, w_itm=0, w_box=0, w_category=0, w_arcface=0), False)):
+        full_cfg = _cfg(batch_size=8, per_identity=1, **weights)
+        batch = train.synthetic_batch(_plain_model(**no_dropout).config, full_cfg, text_len=12)
+        batch.pop("box_pixel_values"), batch.pop("box_targets")
+        g_one, p_one = run(full_cfg, [batch])
+        g_acc, p_acc = run(replace(full_cfg, batch_size=4, grad_accum=2), halves(batch))
+        close = all(torch.allclose(g_one[n], g_acc[n], rtol=1e-4, atol=1e-7) for n in g_one)
+        assert close == same, weights
+        if same:
+            assert all(torch.allclose(p_one[n], p_acc[n], rtol=1e-5, atol=1e-7) for n in p_one)
+
+
+def test_precision_fits_the_device(monkeypatch):
+    from capret_utils.train import precision as P
+
+    assert P.resolve_precision("cpu") == P.resolve_precision("cuda", mixed=False) == "fp32"
+    monkeypatch.setattr(P, "bf16_supported", lambda: True)
+    assert P.resolve_precision("cuda") == "bf16" and P.grad_scaler("bf16", "cuda") is None
+    monkeypatch.setattr(P, "bf16_supported", lambda: False)
+    assert P.resolve_precision("cuda") == "fp16"
+    assert isinstance(P.grad_scaler("fp16", "cpu"), torch.amp.GradScaler)
+    assert P.describe("fp32", "cpu") == "precision: float32 on cpu (CPU)"
+    assert "gradient scaler" in P.describe("fp16", "cpu") and "bf16 autocast" in P.describe("bf16", "cpu")
+    assert isinstance(P.autocast("cpu", "fp32"), __import__("contextlib").nullcontext)
+    with pytest.raises(ValueError, match="precision"):
+        P.autocast("cpu", "fp8")
+    # the fp16 path (loss scaling, unscale before clipping, scaler.step) gives the plain step's update
+    cfg = _cfg(batch_size=8, per_identity=1, w_box=0, w_category=0)
+    no_dropout = dict(vision_drop_path_rate=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    batch = train.synthetic_batch(_plain_model(**no_dropout).config, cfg, text_len=12)
+    after = []
+    for scaler in (None, torch.amp.GradScaler("cpu")):
+        model = _plain_model(**no_dropout)
+        torch.manual_seed(5)
+        arc, _ = train.build_arcfaces(cfg, 8, model.config.embed_dim)
+        criterion = train.Criterion(cfg, arc, None, torch.Generator().manual_seed(3), torch.device("cpu"))
+        opt = train.build_optimizer(model, arc, cfg)
+        train.train_step(model, criterion, opt, train.build_scheduler(opt, 10, cfg), iter([batch]), cfg, 0, scaler)
+        after.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    assert all(torch.allclose(after[0][n], after[1][n], rtol=1e-5, atol=1e-7) for n in after[0])
+
+
+def _planned_vs_measured(cfg, model_config, model, precision):
+    from capret_utils.x2vlm import LoraSettings, apply_lora
+
+    net = model
+    if cfg.mode == "lora":
+        heads = tuple(h for h in train.HEAD_NAMES if getattr(model, h, None) is not None)
+        net = apply_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                             trainable_heads=heads)).get_base_model()
+    net.set_layer_checkpointing(cfg.gradient_checkpointing)
+    net.train()
+    arc, cat = train.build_arcfaces(cfg, cfg.batch_size, model_config.embed_dim)
+    criterion = train.Criterion(cfg, arc, cat, torch.Generator().manual_seed(0), torch.device("cpu"))
+    criterion.precision = precision  # bf16 on CPU: one autocast region per pass, as on a GPU
+    measured = train.measure_step(net, criterion, train.synthetic_batch(model_config, cfg))
+    plan = train.plan_memory(cfg, model_config, device="cpu", precision=precision)
+    return (plan.activations_gb + plan.autocast_weight_copies_gb) * 1024**3 / measured, plan
+
+
+@pytest.mark.parametrize("mode,precision,checkpointing", [("full", "fp32", False), ("full", "bf16", False),
+                                                          ("lora", "fp32", False), ("lora", "bf16", False),
+                                                          ("full", "fp32", True), ("lora", "bf16", True)])
+def test_memory_plan_matches_what_autograd_saves_demo(mode, precision, checkpointing):
+    """The plan of the demo preset's step (crops, recoloured copies, box photos through vision and fusion, texts,
+    ITM pairs) against the bytes autograd keeps for backward, measured on CPU: within 25 %."""
+    cfg = _cfg(model="demo", batch_size=8, per_identity=1, category_recolour=8, finetune_mode=mode,
+               gradient_checkpointing=checkpointing)
+    mcfg = train.model_config(cfg)
+    ratio, plan = _planned_vs_measured(cfg, mcfg, _plain_model("demo"), precision)
+    assert plan.passes == {"crops": 8, "recoloured": 8, "box_images": 2, "texts": 8, "itm_pairs": 6}
+    assert 0.75 <= ratio <= 1.25, (ratio, plan.as_dict())
+
+
+@pytest.mark.slow
+def test_memory_plan_matches_what_autograd_saves_base_architecture():
+    """The base architecture (random weights, 224 px, batch 2, every pass): full fp32 and LoRA bf16 within 25 %
+    of the measured saved bytes (about 40 s on 2 CPU cores)."""
+    cfg = _cfg(model="base", image_res=224, batch_size=2, per_identity=1, box_fraction=0.5, category_recolour=2,
+               finetune_mode="full")
+    mcfg = train.model_config(cfg)
+    model = _plain_model("base", image_res=224)
+    for mode, precision in (("full", "fp32"), ("lora", "bf16")):
+        ratio, plan = _planned_vs_measured(replace(cfg, finetune_mode=mode), mcfg, model, precision)
+        assert 0.75 <= ratio <= 1.25, (mode, precision, ratio, plan.as_dict())
+
+
+def test_memory_plan_counts_every_pass_and_stops_a_gpu_run_that_cannot_fit(monkeypatch):
+    demo = train.TrainConfig()
+    passes = train.step_passes(demo)
+    assert passes.as_dict() == {"crops": 64, "recoloured": 64, "box_images": 16, "texts": 64, "itm_pairs": 48}
+    x2vlm = train.config_from_params({"model": "base"}, "")
+    assert train.step_passes(x2vlm).as_dict() == {"crops": 20, "recoloured": 0, "box_images": 0, "texts": 20,
+                                                  "itm_pairs": 60}
+    assert "not checked" in train.check_fits(demo, train.plan_memory(demo, device="cpu"), device="cpu")
+    base = train.plan_memory(x2vlm, device="cuda")  # planned for a GPU (nothing runs)
+    lighter = train.plan_memory(replace(x2vlm, gradient_checkpointing=True), device="cuda")
+    assert lighter.total_gb < base.total_gb and base.settings["attention"] == "sdpa"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(4 * 1024**3), int(80 * 1024**3)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    with pytest.raises(train.MemoryPlanError) as err:
+        train.check_fits(x2vlm, base, device="cuda")
+    message = str(err.value)
+    for name in ("batch_size", "image_res", "gradient_checkpointing", "grad_accum", "Test GPU", "4.0 GiB free"):
+        assert name in message, message
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(79 * 1024**3), int(80 * 1024**3)))
+    assert "fits" in train.check_fits(x2vlm, base, device="cuda")
+
+
+def test_finetune_with_gradient_checkpointing_and_accumulation_runs(splits, tmp_path):
+    cfg = _cfg(max_steps=2, gradient_checkpointing=True, grad_accum=2, batch_size=4)
+    result = train.finetune(train.prepare(cfg, splits[0]), tmp_path / "run")
+    assert result.steps == 2 and result.info["precision"] == "fp32"
+    assert not any(getattr(m, "gradient_checkpointing", False) is True for m in result.bundle.model.modules())
+    epochs = result.history.loc[result.history["kind"] == "train", "epoch"].tolist()
+    assert epochs == pytest.approx([2 / 5, 4 / 5])  # 18 smoke items: 5 micro-batches of 4 per epoch

@@ -15,7 +15,8 @@ weight each (ITC, ITM, box, ArcFace over the identities and a second ArcFace ove
 the same retrieval embedding, ``w_category``, trained on colour-scrambled copies of the crops,
 ``category_recolour``); AdamW with parameter groups (backbone, heads at
 ``lr * head_lr_mult``, ArcFace class weights at ``lr_arcface``; no weight decay on biases, norms and the
-temperature); linear warm-up then cosine or linear decay; bf16 autocast on CUDA; gradient accumulation; gradient
+temperature); linear warm-up then cosine or linear decay; bf16 autocast on CUDA (fp16 + gradient scaler on GPUs
+without bf16); gradient checkpointing; gradient accumulation; gradient
 clipping; a NaN/inf guard that stops naming the step and the loss terms; the ITC temperature clamped to
 [0.001, 0.5] after every step; tqdm progress.
 
@@ -31,12 +32,13 @@ The final model goes to ``<run_dir>/checkpoint/``: the merged X2-VLM (``save_pre
 tokenizer, the image-processor settings, the ArcFace class weights and ``finetune_info.json`` (config,
 identity classes, crop context, metrics); :func:`load_finetuned` rebuilds the :class:`~capret_utils.evaluation.embed.ModelBundle`.
 
-Submodules: ``config`` (TrainConfig), ``losses`` (loss functions), ``criterion`` (the per-step loss module),
-``model`` (tokenizer, model, prepare), ``loop`` (finetune, train_step, evaluate), ``checkpoint`` (train state,
-final model, history). Their public names are re-exported here.
+Submodules: ``config`` (TrainConfig, recipes), ``losses`` (loss functions), ``criterion`` (the per-step loss
+module), ``model`` (tokenizer, model, prepare), ``loop`` (finetune, train_step, evaluate), ``checkpoint`` (train
+state, final model, history), ``plan`` (the memory plan of a step), ``precision`` (bf16 / fp16 / fp32). Their
+public names are re-exported here. Recipes, the memory plan, checkpointing and precision: ``docs/recipes.md``.
 """
 
-from capret_utils.train import losses  # noqa: F401
+from capret_utils.train import losses, precision  # noqa: F401
 from capret_utils.train.checkpoint import (  # noqa: F401
     latest_train_state,
     load_arcface,
@@ -57,12 +59,16 @@ from capret_utils.train.config import (  # noqa: F401
     HISTORY_JSON,
     INFO_FILE,
     RANDOM_INIT_PRESETS,
+    RECIPES,
     STATE_DIR,
+    ResolvedConfig,
     TrainConfig,
+    apply_recipe,
     config_fields,
     config_from_params,
     leading_rows,
     parse_overrides,
+    resolve_params,
     smoke_config,
 )
 from capret_utils.train.criterion import (  # noqa: F401
@@ -72,6 +78,7 @@ from capret_utils.train.criterion import (  # noqa: F401
 from capret_utils.train.loop import (  # noqa: F401
     EpochBatches,
     FinetuneResult,
+    batches_per_epoch,
     build_arcfaces,
     build_optimizer,
     build_scheduler,
@@ -83,6 +90,15 @@ from capret_utils.train.loop import (  # noqa: F401
     suppress_known_warnings,
     total_steps_for,
     train_step,
+)
+from capret_utils.train.plan import (  # noqa: F401
+    MemoryPlanError,
+    architecture,
+    check_fits,
+    measure_step,
+    plan_memory,
+    step_passes,
+    synthetic_batch,
 )
 from capret_utils.train.model import (  # noqa: F401
     TrainSetup,

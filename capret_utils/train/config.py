@@ -27,9 +27,28 @@ EVAL_KS = DEFAULT_KS  # the one k list (capret_utils.evaluation.metrics.DEFAULT_
 HEADLINE = ("top1", "top5", "top10", "top20", "mAP")
 _CONFIG_VOLATILE = ("transformers_version", "name_or_path", "dtype", "torch_dtype", "output_attentions",
                     "output_hidden_states", "return_dict", "use_cache")
+# Recipes: the fields a recipe sets. "demo" = this module's defaults, tuned on the synthetic benchmark with the
+# random-init demo preset (docs/experiments.md). "x2vlm" = the official retrieval fine-tune (X-VLM's
+# Retrieval_coco.yaml, which X2-VLM's authors point to; docs/x2vlm.md section 6): 384 px, full fine-tuning, AdamW
+# lr 3e-5, weight decay 0.01, heads at lr x 2, linear decay after a 0.1 warm-up, 10 epochs over the items, batch 20,
+# ITC + ITM 1 : 1, random resized crops of scale (0.5, 1) with the absolute 3:4..4:3 aspect range (no erasing; the
+# official RandAugment is not implemented); no box loss and no category term. The identity ArcFace (margin
+# 0.15 rad, scale 30) is the original study's addition, kept so the recipe answers its question. per_identity 1:
+# the official sampler draws random pairs, so a batch holds 20 different items (here 20 different identities,
+# the most in-batch ITC negatives), and ArcFace needs no positives in the batch.
+RECIPES: dict[str, dict[str, Any]] = {
+    "demo": dict(finetune_mode="auto", image_res=0, lr=2e-3, weight_decay=0.05, head_lr_mult=2.0,
+                 schedule="cosine", warmup=0.1, epochs=30, batch_size=64, per_identity=1, w_itc=1.0, w_itm=1.0,
+                 w_box=1.0, w_arcface=1.0, w_category=1.0, category_recolour=64, margin=0.15, arcface_scale=30.0,
+                 crop_scale=(0.9, 1.0), crop_ratio_relative=True, erase_prob=0.5),
+    "x2vlm": dict(finetune_mode="full", image_res=384, lr=3e-5, weight_decay=0.01, head_lr_mult=2.0,
+                  schedule="linear", warmup=0.1, epochs=10, batch_size=20, per_identity=1, w_itc=1.0, w_itm=1.0,
+                  w_box=0.0, w_arcface=1.0, w_category=0.0, category_recolour=0, margin=0.15, arcface_scale=30.0,
+                  crop_scale=(0.5, 1.0), crop_ratio_relative=False, erase_prob=0.0),
+}
 # fields that may change between a killed run and its resume without changing the trajectory
 _RESUME_FREE = ("resume", "num_workers", "eval_every", "ckpt_every", "keep_checkpoints", "progress", "device",
-                "eval_image_level", "threads")
+                "eval_image_level", "threads", "gradient_checkpointing", "recipe")
 
 
 @dataclass
@@ -38,13 +57,21 @@ class TrainConfig:
     (:func:`config_from_params`); its ``overrides`` parameter reaches every other field. How the defaults were
     chosen, with the commands that reproduce each decision: ``docs/experiments.md``.
 
+    The defaults are the ``demo`` recipe (:data:`RECIPES`). :func:`config_from_params` / :func:`apply_recipe`
+    replace the fields of the chosen recipe that the caller left at their defaults; a ``TrainConfig`` built
+    directly keeps its field values as given.
+
     Args:
         model: X2-VLM to fine-tune: a preset ("tiny", "demo": random init; "base", "large"), an official
             checkpoint file (.th / .pth), or a capret checkpoint / ``save_pretrained`` folder.
         image_res: input side in pixels; 0 = the model's default (demo 64, tiny 32, base / large 384).
         tokenizer: "" = auto (a WordPiece vocabulary built from the texts for tiny / demo, bert-base-uncased
             otherwise), "build", or a hub name / local folder with vocab.txt.
-        finetune_mode: "auto" (full for the random-init presets, LoRA otherwise), "lora" or "full".
+        finetune_mode: "auto" (full for the random-init presets, LoRA otherwise), "lora" or "full"; the x2vlm
+            recipe sets "full", as the official fine-tune (its lr 3e-5 is a full fine-tuning rate).
+        recipe: "auto" (demo for the random-init presets tiny / demo; x2vlm for base, large, official checkpoints
+            and capret checkpoint folders), "demo" (the defaults here, tuned on the synthetic demo) or "x2vlm" (the
+            official X2-VLM retrieval fine-tune plus the study's ArcFace); see :data:`RECIPES`.
         lora_r: LoRA rank (integer >= 1).
         lora_alpha: LoRA scaling numerator; the update is scaled by lora_alpha / lora_r.
         lora_dropout: dropout on the LoRA branch, probability in [0, 1).
@@ -54,7 +81,8 @@ class TrainConfig:
             False = the whole photo for every item, no box loss.
         context: crop context on each side of the item box, fraction of the box width / height (>= 0; default
             :data:`capret_utils.data.boxes.CROP_CONTEXT`).
-        batch_size: items per optimizer step (per accumulation step) = identities per batch x per_identity.
+        batch_size: items per micro-batch (per accumulation step) = identities per batch x per_identity; an
+            optimizer step sees batch_size x grad_accum items.
         per_identity: items per identity in a batch, the K of the P x K sampler (1 = every item a different
             identity; >= 2 puts positives in each batch).
         box_fraction: share of each batch (its first rows) that also trains the box head, in (0, 1].
@@ -82,14 +110,23 @@ class TrainConfig:
         weight_decay: AdamW weight decay, not applied to 1-d parameters (biases, norm weights) or the temperature.
         warmup: linear warm-up, fraction of the optimizer steps in [0, 1).
         schedule: decay after warm-up, "cosine" or "linear".
-        epochs: passes over the training identities; one pass = n_identities // (batch_size / per_identity)
-            optimizer steps (5 steps on the demo benchmark, so 192 passes = 960 steps).
+        epochs: passes over the training items, in both recipes: one epoch = ceil(n_items / batch_size)
+            micro-batches, n_items = the training items with an identity (the ones the P x K sampler draws from;
+            it draws by identity, so an epoch is a count of samples, not each item exactly once). Optimizer steps
+            = epochs x that // grad_accum (demo benchmark: 2014 items, 32 micro-batches of 64, 30 epochs = 960
+            steps).
         max_steps: optimizer steps; > 0 overrides epochs.
-        grad_accum: micro-batches accumulated per optimizer step (>= 1).
+        grad_accum: micro-batches accumulated per optimizer step (>= 1). The update equals one batch of
+            batch_size x grad_accum for per-sample terms (ArcFace, box); ITC and ITM draw their negatives within
+            each micro-batch, so their gradients differ from one bigger batch (fewer, easier negatives).
+        gradient_checkpointing: recompute each BEiT / BERT layer's activations in backward instead of keeping
+            them (transformers' checkpointing, non-reentrant): far less activation memory, about a third more
+            compute; gradients equal within float tolerance.
         clip_grad: maximum global gradient norm; 0 = no clipping.
         seed: seed of the model initialisation, sampling, augmentation and hard negatives.
         device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda[:i]".
-        bf16: bf16 autocast on CUDA (CPU always runs float32).
+        bf16: mixed precision on CUDA: bf16 autocast where the GPU supports it, else fp16 autocast with a
+            gradient scaler (:mod:`capret_utils.train.precision`); False = float32. CPU always runs float32.
         num_workers: DataLoader worker processes; 0 = load in the main process.
         threads: torch CPU threads; 0 = leave torch's default.
         deterministic: torch.use_deterministic_algorithms while training on CPU, so repeated runs at one thread
@@ -107,6 +144,7 @@ class TrainConfig:
     image_res: int = 0
     tokenizer: str = ""
     finetune_mode: str = "auto"
+    recipe: str = "auto"
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -140,9 +178,10 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup: float = 0.1
     schedule: str = "cosine"
-    epochs: int = 192
+    epochs: int = 30
     max_steps: int = 0
     grad_accum: int = 1
+    gradient_checkpointing: bool = False
     clip_grad: float = 1.0
     # runtime
     seed: int = 0
@@ -183,6 +222,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.finetune_mode not in ("auto", "lora", "full"):
             raise ValueError(f"finetune_mode must be auto | lora | full, got {self.finetune_mode!r}")
+        if self.recipe not in ("auto", *RECIPES):
+            raise ValueError(f"recipe must be auto | {' | '.join(RECIPES)}, got {self.recipe!r}")
         if self.use_captions not in D.CAPTION_MODES:
             raise ValueError(f"use_captions must be one of {D.CAPTION_MODES}, got {self.use_captions!r}")
         if self.schedule not in ("cosine", "linear"):
@@ -223,6 +264,13 @@ class TrainConfig:
         if self.itm_fraction:
             return self.itm_fraction
         return 0.25 if self.model in RANDOM_INIT_PRESETS else 1.0
+
+    @property
+    def recipe_name(self) -> str:
+        """``recipe`` with "auto" resolved by the model: demo for the random-init presets, x2vlm otherwise."""
+        if self.recipe != "auto":
+            return self.recipe
+        return "demo" if self.model in RANDOM_INIT_PRESETS else "x2vlm"
 
     @property
     def mode(self) -> str:
@@ -290,13 +338,56 @@ def parse_overrides(overrides: str | Mapping[str, Any] | None) -> dict[str, Any]
     return dict(values)
 
 
-def config_from_params(params: Mapping[str, Any], overrides: str | Mapping[str, Any] | None = "") -> TrainConfig:
-    """The :class:`TrainConfig` of a notebook run: every field named in ``params`` (the parameters cell, e.g.
-    ``globals()``; other names are ignored), then ``overrides`` (:func:`parse_overrides`) for any field; a
-    field set by both takes the override. Unknown override names raise ``ValueError``; the result is validated."""
-    values = {name: params[name] for name in config_fields() if name in params}
-    values.update(parse_overrides(overrides))
-    config = TrainConfig.from_dict(values)
-    config.validate()
-    return config
+@dataclass
+class ResolvedConfig:
+    """A config with its recipe applied (:func:`apply_recipe`): where each field's value came from."""
 
+    config: TrainConfig
+    recipe: str  # the recipe applied: "demo" | "x2vlm"
+    sources: dict[str, str]  # field -> "user" (set by the caller), "recipe" or "default"
+
+    def params(self) -> dict[str, Any]:
+        """Every resolved field, the recipe applied and each field's source: what ``params.json`` records."""
+        return {**asdict(self.config), "recipe_effective": self.recipe, "param_sources": dict(self.sources)}
+
+    def describe(self) -> str:
+        """Two lines for the notebook: the recipe and the values it set."""
+        config = self.config
+        why = f" (auto: model {config.model!r})" if config.recipe == "auto" else ""
+        from_recipe = ", ".join(f"{k} {getattr(config, k)}" for k, v in self.sources.items() if v == "recipe")
+        user = ", ".join(k for k, v in self.sources.items() if v == "user")
+        return (f"recipe {self.recipe}{why}: {from_recipe}\nset by you: {user or 'nothing'} (a field left at its "
+                f"demo default takes the recipe's value; name it in overrides to keep the demo value)")
+
+
+def apply_recipe(config: TrainConfig, user_set: Any = ()) -> ResolvedConfig:
+    """Fill the fields of ``config.recipe_name``'s recipe that the user did not set. A field counts as set by the
+    user when it is named in ``user_set`` or differs from the :class:`TrainConfig` default (= the demo recipe's
+    value): a parameter the user sets always wins, and a value equal to the demo default is only kept against
+    another recipe when named in ``user_set`` (notebook 03: in ``overrides``)."""
+    if config.recipe not in ("auto", *RECIPES):
+        raise ValueError(f"recipe must be auto | {' | '.join(RECIPES)}, got {config.recipe!r}")
+    default = TrainConfig()
+    user = set(user_set) | {f for f in config_fields() if getattr(config, f) != getattr(default, f)}
+    recipe = RECIPES[config.recipe_name]
+    resolved = replace(config, **{k: v for k, v in recipe.items() if k not in user})
+    sources = {f: "user" if f in user else "recipe" if f in recipe else "default" for f in config_fields()}
+    return ResolvedConfig(resolved, config.recipe_name, sources)
+
+
+def resolve_params(params: Mapping[str, Any], overrides: str | Mapping[str, Any] | None = "") -> ResolvedConfig:
+    """Notebook 03's config with its recipe applied: every field named in ``params`` (the parameters cell, e.g.
+    ``globals()``; other names are ignored), then ``overrides`` (:func:`parse_overrides`) for any field (a field set
+    by both takes the override), then :func:`apply_recipe` (names in ``overrides`` always count as set by the
+    user). Unknown override names raise ``ValueError``; the result is validated."""
+    values = {name: params[name] for name in config_fields() if name in params}
+    extra = parse_overrides(overrides)
+    values.update(extra)
+    resolved = apply_recipe(TrainConfig.from_dict(values), user_set=extra)
+    resolved.config.validate()
+    return resolved
+
+
+def config_from_params(params: Mapping[str, Any], overrides: str | Mapping[str, Any] | None = "") -> TrainConfig:
+    """The :class:`TrainConfig` of a notebook run: :func:`resolve_params` without the sources."""
+    return resolve_params(params, overrides).config

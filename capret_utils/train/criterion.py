@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from capret_utils.data import loader as D
-from capret_utils.evaluation import embed as E
 from capret_utils.train import losses as L
+from capret_utils.train import precision as P
 from capret_utils.train.config import TrainConfig, leading_rows
 from capret_utils.x2vlm import (
     X2VLMModel,
@@ -21,20 +21,24 @@ from capret_utils.x2vlm import (
 def compute_losses(net: X2VLMModel, arcface: L.ArcFace, batch: Mapping[str, Any], weights: L.LossWeights,
                    generator: torch.Generator, box_fraction: float = 0.25, device: torch.device | None = None,
                    bf16: bool = True, itm_fraction: float = 1.0, category: L.ArcFace | None = None,
-                   category_recolour: int = 0, category_views: str = "recoloured") -> dict[str, torch.Tensor]:
+                   category_recolour: int = 0, category_views: str = "recoloured", precision: str | None = None,
+                   ) -> dict[str, torch.Tensor]:
     """Every active loss term of one batch (unweighted). ``net`` is the plain X2-VLM (LoRA layers, if any,
     are injected in its modules). The box loss uses the first ``leading_rows(B, box_fraction)`` samples; ITM
     fuses the pairs of the first ``leading_rows(B, itm_fraction)`` texts and images (negatives drawn from all B).
     The category term (``weights.category``) needs ``category``, the category ArcFace, and ``batch["categories"]``;
     with ``category_recolour`` > 0 it is the term on :func:`data.recolour` copies of the first ``category_recolour``
     views (a second vision pass, drawn from ``generator`` after the ITM negatives), or with ``category_views="both"``
-    the mean of that and the term on the views."""
+    the mean of that and the term on the views. ``precision`` (``"bf16"`` | ``"fp16"`` | ``"fp32"``) sets the
+    autocast of every pass; None = :func:`~capret_utils.train.precision.resolve_precision` of ``device`` and
+    ``bf16`` (float32 on CPU)."""
     device = device or next(net.parameters()).device
+    precision = precision or P.resolve_precision(device, bf16)
     pv = batch["pixel_values"].to(device)
     labels = batch["labels"].to(device)
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     terms: dict[str, torch.Tensor] = {}
-    with E.autocast(device, bf16):
+    with P.autocast(device, precision):
         image_embeds, image_feat = net.get_image_embeds(pv)
         need_text = weights.itc or weights.itm or weights.box
         text_embeds = net.get_text_embeds(ids, mask) if need_text else None
@@ -55,12 +59,12 @@ def compute_losses(net: X2VLMModel, arcface: L.ArcFace, batch: Mapping[str, Any]
         negs = L.sample_hard_negatives(sim, pos, generator)
         n_itm = leading_rows(pv.shape[0], itm_fraction)
         images, texts, masks, itm_labels = L.itm_pairs(image_embeds, text_embeds, mask, *negs, rows=n_itm)
-        with E.autocast(device, bf16):
+        with P.autocast(device, precision):
             fused = net.get_fusion_embeds(texts, masks, images)
             logits = net.itm_logits(fused)
         terms["itm"] = L.itm_loss(logits, itm_labels)
         if weights.arcface_fused:
-            with E.autocast(device, bf16):
+            with P.autocast(device, precision):
                 fused_emb = net.text_proj(fused[:n_itm, 0, :])
             terms["arcface_fused"] = arcface(F.normalize(fused_emb.float(), dim=-1), labels[:n_itm])
     if weights.box:
@@ -70,7 +74,7 @@ def compute_losses(net: X2VLMModel, arcface: L.ArcFace, batch: Mapping[str, Any]
         if batch["box_pixel_values"].shape[0] < nb:
             raise ValueError(f"the batch holds {batch['box_pixel_values'].shape[0]} box samples, the box loss needs "
                              f"{nb} (box_fraction {box_fraction} of {pv.shape[0]})")
-        with E.autocast(device, bf16):
+        with P.autocast(device, precision):
             box_embeds, _ = net.get_image_embeds(batch["box_pixel_values"][:nb].to(device))
             fused_box = net.get_fusion_embeds(text_embeds[:nb], mask[:nb], box_embeds)
             pred = net.predict_bbox(fused_box)
@@ -78,7 +82,7 @@ def compute_losses(net: X2VLMModel, arcface: L.ArcFace, batch: Mapping[str, Any]
         terms["box_l1"], terms["box_giou"] = l1, giou
     if weights.category and category_recolour > 0:
         n = min(category_recolour, pv.shape[0])
-        with E.autocast(device, bf16):
+        with P.autocast(device, precision):
             _, recoloured_feat = net.get_image_embeds(D.recolour(pv[:n], generator))
         recoloured = category(recoloured_feat, categories[:n])
         terms["category"] = 0.5 * (terms["category"] + recoloured) if category_views == "both" else recoloured
@@ -104,11 +108,12 @@ class Criterion(torch.nn.Module):
         self.device = device
         self.box_fraction, self.bf16, self.itm_fraction = config.box_fraction, config.bf16, config.itm_share
         self.category_recolour, self.category_views = config.category_recolour, config.category_views
+        self.precision = P.resolve_precision(device, config.bf16) if device is not None else None
 
     def forward(self, net: X2VLMModel, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         return compute_losses(net, self.arcface, batch, self.weights, self.generator, self.box_fraction,
                               self.device, self.bf16, self.itm_fraction, self.category, self.category_recolour,
-                              self.category_views)
+                              self.category_views, self.precision)
 
     def total(self, terms: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
         """The weighted sum of ``terms`` at optimizer step ``step`` (1-based; the NaN guard names it)."""

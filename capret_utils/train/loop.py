@@ -23,6 +23,7 @@ from capret_utils.data import loader as D
 from capret_utils.data.df2 import CATEGORY_NAMES
 from capret_utils.evaluation import embed as E
 from capret_utils.train import losses as L
+from capret_utils.train import precision as P
 from capret_utils.train.checkpoint import (
     latest_train_state,
     load_train_state,
@@ -152,7 +153,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, config: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def batches_per_epoch(config: TrainConfig, n_items: int) -> int:
+    """Micro-batches of one epoch: ``ceil(n_items / batch_size)`` (``epochs`` counts passes over the items)."""
+    return max(1, math.ceil(n_items / config.batch_size))
+
+
 def total_steps_for(config: TrainConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps of a run: ``max_steps``, or ``epochs`` x ``batches_per_epoch`` micro-batches // grad_accum."""
     if config.max_steps > 0:
         return int(config.max_steps)
     return max(1, (config.epochs * batches_per_epoch) // config.grad_accum)
@@ -175,7 +182,7 @@ class FinetuneResult:
     info: dict[str, Any]
 
 
-def _log_row(step: int, epoch: int, terms: Mapping[str, float], loss: float, lr: float, temp: float,
+def _log_row(step: int, epoch: float, terms: Mapping[str, float], loss: float, lr: float, temp: float,
              elapsed: float) -> dict[str, Any]:
     return {"kind": "train", "step": step, "epoch": epoch, "loss": loss, **{f"loss_{k}": v for k, v in terms.items()},
             "lr": lr, "temp": temp, "elapsed_s": round(elapsed, 3)}
@@ -246,11 +253,12 @@ class EpochBatches:
 
 
 def train_step(net: torch.nn.Module, criterion: Criterion, optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LRScheduler, batches: EpochBatches, config: TrainConfig,
-               step: int) -> tuple[float, dict[str, float]]:
+               scheduler: torch.optim.lr_scheduler.LRScheduler, batches: Iterator[Any], config: TrainConfig,
+               step: int, scaler: Any = None) -> tuple[float, dict[str, float]]:
     """One optimizer step (``config.grad_accum`` micro-batches) at 0-based ``step``: forward, weighted loss,
     backward, gradient clipping, optimizer and schedule step, temperature clamp. Returns the step's loss and its
-    unweighted terms as floats."""
+    unweighted terms as floats. ``scaler`` (fp16, :func:`~capret_utils.train.precision.grad_scaler`) scales the
+    loss, unscales before clipping and skips a step whose gradients overflowed (instead of the NaN guard)."""
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
     loss_sum = 0.0
@@ -258,16 +266,22 @@ def train_step(net: torch.nn.Module, criterion: Criterion, optimizer: torch.opti
         batch = next(batches)
         terms = criterion(net, batch)
         loss = criterion.total(terms, step + 1) / config.grad_accum
-        loss.backward()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += float(loss.detach())
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach()) / config.grad_accum
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     if config.clip_grad:
         norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad)
-        if not torch.isfinite(norm):
+        if not torch.isfinite(norm) and scaler is None:
             raise L.NonFiniteLossError(step + 1, {"grad_norm": float(norm)})
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped when the unscaled gradients hold inf / NaN
+        scaler.update()
+    else:
+        optimizer.step()
     scheduler.step()
     net.clamp_temp_()
     return loss_sum, sums
@@ -310,13 +324,20 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
     mode = config.mode
     train_module, net, peft_model = _trainable(setup)
     net.train()
+    if config.gradient_checkpointing:
+        net.set_layer_checkpointing(True)
+    precision = P.resolve_precision(device, config.bf16)
+    scaler = P.grad_scaler(precision, device)
+    if config.progress:
+        print(P.describe(precision, device))
     counts = trainable_parameters(train_module)
     arcface, category = build_arcfaces(config, len(setup.classes), int(net.config.embed_dim))
     arcface = arcface.to(device)
     category = category.to(device) if category is not None else None
     sampler = D.PKBatchSampler(setup.labels, setup.data_config.identities_per_batch, config.per_identity,
                                seed=config.seed)
-    total = total_steps_for(config, len(sampler))
+    per_epoch = batches_per_epoch(config, int((setup.labels >= 0).sum()))
+    total = total_steps_for(config, per_epoch)
     optimizer = build_optimizer(train_module, arcface, config, category)
     scheduler = build_scheduler(optimizer, total, config)
     generator = torch.Generator().manual_seed(config.seed + 1)
@@ -332,6 +353,8 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
                              f"(digest {saved_digest} vs {digest}); use a new run_dir or resume=False")
         state = load_train_state(latest, train_module, arcface, optimizer, scheduler, sampler, generator, category)
         step, train_seconds, history = int(state["step"]), float(state["train_seconds"]), list(state["history"])
+        if scaler is not None and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
         resumed_from = step
     elif not config.resume and (run_dir / STATE_DIR).exists():
         shutil.rmtree(run_dir / STATE_DIR)
@@ -340,7 +363,8 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
 
     def save(at_step: int) -> None:
         blob = {"digest": digest, "train_seconds": train_seconds, "history": history, "total_steps": total,
-                "config": asdict(config)}
+                "config": asdict(config), "precision": precision,
+                "grad_scaler": scaler.state_dict() if scaler is not None else None}
         save_train_state(run_dir, at_step, train_module, arcface, optimizer, scheduler, sampler, generator, blob,
                          config.keep_checkpoints, category)
 
@@ -360,17 +384,18 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
     last_eval: dict[str, Any] | None = None
     while step < total and (stop_after is None or done_here < stop_after):
         t0 = time.perf_counter()
-        loss_sum, sums = train_step(net, criterion, optimizer, scheduler, batches, config, step)
+        loss_sum, sums = train_step(net, criterion, optimizer, scheduler, batches, config, step, scaler)
         step += 1
         done_here += 1
         train_seconds += time.perf_counter() - t0
-        row = _log_row(step, sampler.epoch, sums, loss_sum, optimizer.param_groups[0]["lr"], net.temp.item(),
+        epoch = round(step * config.grad_accum / per_epoch, 4)  # epochs over the items done (as ``epochs``)
+        row = _log_row(step, epoch, sums, loss_sum, optimizer.param_groups[0]["lr"], net.temp.item(),
                        train_seconds)
         history.append(row)
         if callback:
             callback(row)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", epoch=sampler.epoch)
+        bar.set_postfix(loss=f"{loss_sum:.3f}", epoch=f"{epoch:.2f}")
         if config.eval_every and step % config.eval_every == 0 and step < total:
             last_eval = run_eval(step)
         if step % config.ckpt_every == 0 or step == total:
@@ -389,6 +414,8 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
     else:
         last_eval = {k: v for k, v in final_eval.items() if k not in ("kind", "step")}
     write_history(run_dir, history)
+    if config.gradient_checkpointing:
+        net.set_layer_checkpointing(False)
     final_model = merge_lora(peft_model) if peft_model is not None else net
     final_model.eval()
     for p in final_model.parameters():
@@ -398,7 +425,7 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
             "steps": step, "total_steps": total, "train_seconds": round(train_seconds, 2),
             "trainable_parameters": counts, "metrics": last_eval, "arcface_margin_rad": config.margin,
             "arcface_margin_deg": math.degrees(config.margin), "category_margin_rad": config.category_margin,
-            "resumed_from": resumed_from}
+            "resumed_from": resumed_from, "precision": precision}
     final_bundle.info.update({k: v for k, v in info.items() if k in ("config", "finetune_mode", "identity_classes")})
     ckpt = save_finetuned(final_bundle, run_dir / CHECKPOINT_DIR, arcface, info, category)
     return FinetuneResult(final_bundle, pd.json_normalize(history), last_eval or {}, ckpt, step, train_seconds,
