@@ -33,7 +33,8 @@ def test_summary_is_mean_and_sample_sd_over_seeds(tmp_path):
     assert summary.loc["fine-tuned/crop+dialogue-gallery", "text_source"] == "gallery-only"
     # notebook 03's test numbers, never its select numbers
     assert summary.loc["03 finetuned (test)", "mAP_mean"] == pytest.approx(0.9)
-    assert (tmp_path / "summary.csv").is_file() and (tmp_path / "summary.json").is_file()
+    assert (tmp_path / "seeds_summary.csv").is_file() and (tmp_path / "seeds_summary.json").is_file()
+    assert not (tmp_path / "summary.csv").exists()  # notebook 04 would take it for a sweep summary
 
 
 def test_empty_folder_gives_an_empty_summary(tmp_path):

@@ -3,8 +3,8 @@
 One seed's numbers are one draw of the benchmark; the README quotes this summary instead. For each data seed ``s``
 the embedded benchmark is generated with ``SynthConfig.demo(seed=s)`` (seed 0 is the default ``data/synthetic``,
 others ``data/synthetic-seed<s>``), notebooks 01-04 run into ``<out>/data-seed<s>/`` (a finished step is skipped,
-so a killed run resumes), and :func:`summarise` writes ``<out>/summary.csv`` (one row per model/variant: mean, sd
-and n of test hit@1 and mAP over the seeds, and the text source) and ``<out>/summary.json``.
+so a killed run resumes), and :func:`summarise` writes ``<out>/seeds_summary.csv`` (one row per model/variant: mean, sd
+and n of test hit@1 and mAP over the seeds, and the text source) and ``<out>/seeds_summary.json`` (not ``summary.csv``: notebook 04 reads every ``runs/*/summary.csv`` as a sweep).
 
 CLI: ``python -m capret_utils.runs.seeds --seeds 0 1 2 --out runs/seeds``.
 """
@@ -24,7 +24,7 @@ from capret_utils.common import atomic_path, repo_root, write_json
 from capret_utils.data import synth
 from capret_utils.runs import demo
 
-SUMMARY_FILE = "summary.csv"
+SUMMARY_FILE = "seeds_summary.csv"
 
 
 def data_root_for(seed: int) -> Path:
@@ -83,12 +83,12 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_summary(out: str | Path) -> pd.DataFrame:
-    """Collect, summarise and write ``summary.csv`` / ``summary.json`` into ``out``."""
+    """Collect, summarise and write ``seeds_summary.csv`` / ``seeds_summary.json`` into ``out``."""
     out = Path(out)
     summary = summarise(collect(out))
     with atomic_path(out / SUMMARY_FILE) as tmp:
         summary.to_csv(tmp, index=False)
-    write_json(out / "summary.json", {"rows": summary.to_dict("records")})
+    write_json(out / "seeds_summary.json", {"rows": summary.to_dict("records")})
     return summary
 
 
