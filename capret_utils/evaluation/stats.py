@@ -43,6 +43,18 @@ def _percentile(samples: np.ndarray, confidence: float) -> tuple[float, float]:
     return float(np.quantile(samples, alpha)), float(np.quantile(samples, 1 - alpha))
 
 
+def _resampled_means(values: np.ndarray, seed: int, n_resamples: int, chunk: int = 128) -> np.ndarray:
+    """Means of ``n_resamples`` seeded resamples (with replacement) of ``values``, drawn ``chunk`` resamples at a
+    time: memory stays ``chunk x n`` whatever the query count (12 k queries on DeepFashion2), and the draws are the
+    same as one ``(n_resamples, n)`` draw, since the generator fills rows in order."""
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_resamples)
+    for start in range(0, n_resamples, chunk):
+        rows = min(chunk, n_resamples - start)
+        means[start:start + rows] = values[rng.integers(0, len(values), size=(rows, len(values)))].mean(axis=1)
+    return means
+
+
 def bootstrap_interval(values: Any, seed: int = 0, confidence: float = CONFIDENCE,
                        n_resamples: int = N_RESAMPLES) -> tuple[float, float]:
     """Seeded percentile bootstrap interval of the mean of ``values`` over queries (NaN dropped)."""
@@ -50,9 +62,7 @@ def bootstrap_interval(values: Any, seed: int = 0, confidence: float = CONFIDENC
     v = v[~np.isnan(v)]
     if not len(v):
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(v), size=(n_resamples, len(v)))
-    return _percentile(v[idx].mean(axis=1), confidence)
+    return _percentile(_resampled_means(v, seed, n_resamples), confidence)
 
 
 def _paired(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -83,9 +93,7 @@ def paired_bootstrap_delta(a: Any, b: Any, seed: int = 0, confidence: float = CO
     if not len(x):
         return {"delta": float("nan"), "lo": float("nan"), "hi": float("nan")}
     d = x - y
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(d), size=(n_resamples, len(d)))
-    lo, hi = _percentile(d[idx].mean(axis=1), confidence)
+    lo, hi = _percentile(_resampled_means(d, seed, n_resamples), confidence)
     return {"delta": float(d.mean()), "lo": lo, "hi": hi}
 
 
