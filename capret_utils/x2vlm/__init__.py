@@ -9,7 +9,8 @@ loads the official X2-VLM checkpoints strictly and reproduces the official outpu
     tokenizer = X2VLMTokenizer.from_pretrained("bert-base-uncased")
 
 Submodules: ``config`` (X2VLMConfig, presets), ``modeling`` (X2VLMModel), ``convert`` (official checkpoints),
-``processing`` (images, captions, tokenizer), ``lora`` (peft LoRA), ``memory`` (training memory estimate).
+``processing`` (images, captions, tokenizer), ``lora`` (peft LoRA), ``memory`` (training memory estimate), ``vqa``
+(X2VLMForVQA: answer decoder, ``rank_answer``, official VQA checkpoints).
 """
 
 from capret_utils.x2vlm.config import (
@@ -50,6 +51,12 @@ from capret_utils.x2vlm.modeling import (
     X2VLMOutput,
     register_auto_classes,
 )
+from capret_utils.x2vlm.vqa import (
+    X2VLMForVQA,
+    X2VLMVQAConfig,
+    register_vqa_auto_classes,
+    to_official_vqa_state_dict,
+)
 from capret_utils.x2vlm.processing import (
     BERT_SPECIAL_IDS,
     COMPACT_SPECIAL_IDS,
@@ -64,11 +71,13 @@ from capret_utils.x2vlm.processing import (
 )
 
 register_auto_classes()
+register_vqa_auto_classes()
 
 __all__ = [
     "BERT_SPECIAL_IDS", "CLIP_MEAN", "RANDOM_INIT_PRESETS", "build_model", "CLIP_STD", "COMPACT_SPECIAL_IDS", "LORA_TARGETS", "PRESETS", "TEMP_MAX",
     "TEMP_MIN", "ImageSettings", "LoadReport", "LoraSettings", "MemoryEstimate", "OfficialCheckpointError", "StepPasses",
-    "TextSettings", "X2VLMConfig", "X2VLMImageProcessor", "X2VLMModel", "X2VLMOutput", "X2VLMTokenizer",
+    "TextSettings", "X2VLMConfig", "X2VLMForVQA", "X2VLMImageProcessor", "X2VLMModel", "X2VLMOutput", "X2VLMTokenizer",
+    "X2VLMVQAConfig", "register_vqa_auto_classes", "to_official_vqa_state_dict",
     "apply_lora", "build_wordpiece_tokenizer", "check_tokenizer", "config_from_official",
     "estimate_training_memory", "fashion_caption_corpus", "load_official_checkpoint", "measure_saved_activations",
     "merge_lora", "model_from_official", "official_to_capret", "pre_caption", "read_official_checkpoint",

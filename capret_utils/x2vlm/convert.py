@@ -303,7 +303,7 @@ def config_from_official(state_dict: Mapping[str, torch.Tensor], checkpoint_conf
         text_layers=start, fusion_layers=len(layers) - start, vocab_size=vocab,
         max_position_embeddings=_shape(sd, t + "embeddings.position_embeddings.weight", source)[0],
         type_vocab_size=_shape(sd, t + "embeddings.token_type_embeddings.weight", source)[0],
-        embed_dim=_shape(sd, "vision_proj.weight", source)[0],
+        embed_dim=sd["vision_proj.weight"].shape[0] if "vision_proj.weight" in sd else X2VLMConfig.embed_dim,  # VQA: none
         has_itm_head="itm_head.0.weight" in sd, has_bbox_head="bbox_head.0.weight" in sd,
         has_mlm_head=any(k.startswith(t + "cls.") for k in sd),
     )
