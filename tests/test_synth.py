@@ -152,7 +152,8 @@ def test_attributes_file_matches_items_and_identities_are_unique(tables, bench: 
         attrs = synth.read_attributes(bench / split)
         assert list(attrs) == list(df["key"])  # one record per item, same order
         lines = (bench / split / synth.ATTRIBUTES_FILE).read_text().splitlines()
-        assert set(json.loads(lines[0])) == {"key", "colour", "colour_rgb", "pattern", "pattern_colour"}
+        assert set(json.loads(lines[0])) == {"key", "colour", "colour_rgb", "pattern", "pattern_colour",
+                                             "uncaptioned"}
         a = pd.DataFrame(attrs.values())
         assert a["colour"].isin(list(synth.PALETTE)).all() and a["pattern"].isin(synth.PATTERNS).all()
         assert all(list(synth.PALETTE[c]) == rgb for c, rgb in zip(a["colour"], a["colour_rgb"]))
@@ -160,12 +161,79 @@ def test_attributes_file_matches_items_and_identities_are_unique(tables, bench: 
         full = df.merge(a, on="key")
         full["factors"] = list(zip(full["category_id"], full["colour"], full["pattern"],
                                    full["pattern_colour"].fillna("-")))
+        full["hidden"] = [tuple(h[n] for n in ("trim", "logo", "print_scale")) for h in full["uncaptioned"]]
+        assert all(h in synth.hidden_options(synth.Look(1, "red", p, None)) for h, p in zip(full["hidden"],
+                                                                                          full["pattern"]))
+        full["look"] = list(zip(full["factors"], full["hidden"]))
         ident = full[full["style"] > 0]
-        per_identity = ident.groupby(["pair_id", "style"])["factors"].nunique()
+        per_identity = ident.groupby(["pair_id", "style"])["look"].nunique()
         assert (per_identity == 1).all()  # an identity always looks the same
-        looks = ident.drop_duplicates(["pair_id", "style"])["factors"]
-        assert looks.is_unique  # and no two identities look alike
-        assert not set(full.loc[full["style"] == 0, "factors"]) & set(looks)  # style-0 items never copy one
+        looks = ident.drop_duplicates(["pair_id", "style"])
+        assert looks["look"].is_unique  # and no two identities look alike (look-alikes differ in hidden factors)
+        assert not set(full.loc[full["style"] == 0, "factors"]) & set(looks["factors"])  # style 0 never copies one
+
+
+def _identity_tuples(bench: Path, split: str) -> pd.DataFrame:
+    """One row per identity of a generated split: its captionable tuple and its uncaptioned factors."""
+    df = df2.load_items(bench / split)
+    attrs = synth.read_attributes(bench / split)
+    rows = [(p, s, (c, attrs[k]["colour"], attrs[k]["pattern"], attrs[k]["pattern_colour"]),
+             tuple(attrs[k]["uncaptioned"][n] for n in ("trim", "logo", "print_scale")))
+            for k, p, s, c in df[["key", "pair_id", "style", "category_id"]].itertuples(index=False) if s > 0]
+    return pd.DataFrame(rows, columns=["pair_id", "style", "tuple", "hidden"]).drop_duplicates(["pair_id", "style"])
+
+
+def test_look_alikes_share_the_captionable_tuple_in_every_split(bench: Path):
+    """>= 1/3 of the identities of each split share their whole captionable tuple with another identity of the
+    split and differ from it only in uncaptioned factors."""
+    for split in synth.SPLITS:
+        ids = _identity_tuples(bench, split)
+        shared = ids.groupby("tuple")["tuple"].transform("size") > 1
+        assert shared.mean() >= 1 / 3, (split, shared.mean())
+        assert not ids[shared].duplicated(["tuple", "hidden"]).any()  # look-alikes differ in uncaptioned factors
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1 / 3, 0.6, 0.8])
+def test_shared_tuple_fraction_is_met_on_a_planned_split(fraction: float):
+    cfg = replace(synth.SynthConfig.smoke(), train_pairs=30, val_pairs=20, test_pairs=20,
+                  shared_tuple_fraction=fraction, shared_group_size=(2, 3))
+    for split in synth.SPLITS:
+        plans = synth.plan_split(cfg, split)
+        looks = {(p.pair_id, it.style): it.look for p in plans for it in p.items if it.style > 0}
+        share = synth.shared_tuple_share(plans)
+        assert share >= fraction - 1 / len(looks), (split, share)
+        if fraction == 0:
+            assert share == 0  # version 3's rule: every identity has its own captionable tuple
+        sizes = pd.Series([lk.factors for lk in looks.values()]).value_counts()
+        assert sizes.max() <= 3
+
+
+def test_uncaptioned_factors_never_reach_a_caption(bench: Path):
+    """Template and dialogue captions (every scripted question, answered from attributes.jsonl) are the same
+    whatever the uncaptioned factors are, and never mention them."""
+    from capret_utils import captions as C
+
+    items = pd.concat([df2.load_items(bench / s) for s in synth.SPLITS], ignore_index=True)
+    attrs = C.load_attributes([bench / s for s in synth.SPLITS])
+    assert all("uncaptioned" in a for a in attrs.values())
+    swapped = {k: {**a, "uncaptioned": {"trim": "hem band", "logo": "upper", "print_scale": "bold"}}
+               for k, a in attrs.items()}
+    stripped = {k: {f: v for f, v in a.items() if f != "uncaptioned"} for k, a in attrs.items()}
+    rows = items.to_dict("records")
+    rounds = len(C.DEFAULT_QUESTIONS) + 1
+
+    def run(a):
+        cap = C.DialogueCaptioner(C.ScriptedQuestioner(), C.AttributeAnswerer(a), C.DialogueConfig(rounds=rounds))
+        out = cap.caption_batch(rows)
+        return [(r["caption"], [t["answer"] for t in r["dialogue"]]) for r in out]
+
+    dialogue = run(attrs)
+    assert all(a["colour"] in c for (c, _), a in zip(dialogue, (attrs[r["key"]] for r in rows)))  # answered
+    assert dialogue == run(swapped) == run(stripped)
+    texts = [c for c, _ in dialogue] + [a for _, ans in dialogue for a in ans] + list(
+        C.template_captions(items).values())
+    words = {"band", "trim", "logo", "upper", "lower", "fine", "bold", "print", "uncaptioned"}
+    assert not [t for t in texts if words & set(t.lower().replace(",", " ").split())]
 
 
 def test_every_query_has_a_positive(tables):
@@ -343,7 +411,9 @@ def test_demo_plan_sizes_and_identity_coverage():
                     seen[p.source].add(ident)
         assert lo <= len(looks) <= hi, (split, len(looks))
         assert seen["user"] == seen["shop"] == set(looks)
-        assert len({lk.factors for lk in looks.values()}) == len(looks)
+        assert len({(lk.factors, lk.hidden) for lk in looks.values()}) == len(looks)
+        # look-alikes: >= shared_tuple_fraction of the identities share their captionable tuple with another
+        assert synth.shared_tuple_share(plans) >= cfg.shared_tuple_fraction - 1 / len(looks)
         user_photos = pd.Series([p.pair_id for p in plans if p.source == "user"]).value_counts()
         assert user_photos.min() >= cfg.user_per_pair(split)[0]
 

@@ -2,7 +2,8 @@
 
 ``generate(out_dir, config)`` writes ``<out>/{train,validation,test}/{image,annos}/NNNNNN.{jpg,json}`` (read unchanged
 by :func:`capret_utils.data.df2.load_items`), ``<out>/<split>/attributes.jsonl`` (per item: ``key``, ``colour``,
-``colour_rgb``, ``pattern``, ``pattern_colour`` — ground truth the DeepFashion2 schema has no field for) and
+``colour_rgb``, ``pattern``, ``pattern_colour`` — ground truth the DeepFashion2 schema has no field for — and
+``uncaptioned``: ``{"trim", "logo", "print_scale"}``, drawn factors no caption or question covers) and
 ``<out>/synth.json`` (config + counts, written last). :func:`ensure_benchmark` generates only when needed, into a
 temporary sibling folder renamed into place under a lock file, so a killed run never leaves a half benchmark
 that looks complete and two processes can call it at once. CLI: ``python -m capret_utils.data.synth --out DIR``.
@@ -13,10 +14,14 @@ What a benchmark is made of (constants, :class:`SynthConfig`, geometry, plan typ
 
 What is drawn (all with PIL, in the 13 DeepFashion2 category silhouettes):
 
-* an **identity** ``(pair_id, style > 0)`` is a fixed category + colour + pattern + pattern colour (+ a small
-  shape jitter), unique within a split; about half of the identities are near-duplicates of an earlier one that
-  differ in exactly one of those factors (same fabric as another garment, same colour different pattern …), so
-  colour statistics alone cannot solve retrieval;
+* an **identity** ``(pair_id, style > 0)`` is a fixed category + colour + pattern + pattern colour (the
+  *captionable tuple*: all that a template caption or a dialogue answer says about the garment) + uncaptioned
+  factors (a hem band in an accent colour or none, a logo patch high / low / none, a fine or bold print) + a small
+  shape jitter, unique within a split; about half of the identities are near-duplicates of an earlier one that
+  differ in exactly one captionable factor (same fabric as another garment, same colour different pattern …), so
+  colour statistics alone cannot solve retrieval; and ``shared_tuple_fraction`` (default 0.6) of them are
+  look-alikes that share their whole captionable tuple with 1–3 others and differ only in uncaptioned factors,
+  so captions alone cannot identify an item either;
 * **shop** images: plain light background, centred, the garment laid flat (viewpoint 1) or worn by a frontal
   model (viewpoint 2), no lighting change;
 * **user** images: a person wearing an outfit that holds one or both of the pair's identities plus style-0
@@ -38,6 +43,7 @@ quality and chroma subsampling are fixed, and nothing depends on dict order, has
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import fcntl
 import json
@@ -57,14 +63,17 @@ from capret_utils.data.synth_spec import (  # noqa: F401 - re-exported: synth.Sy
     ATTRIBUTES_FILE,
     COLOURS,
     DRESS,
+    LOGOS,
     LOWER,
     MARKER,
     OUTWEAR,
     PALETTE,
     PATTERNS,
+    PRINT_SCALES,
     SPLIT_CODES,
     SPLITS,
     SYNTH_VERSION,
+    TRIMS,
     UPPER,
     ImagePlan,
     ItemPlan,
@@ -131,6 +140,19 @@ def _near_duplicate(rng: np.random.Generator, base: Look, category: int | None) 
     return _with_details(rng, replace(base, pattern_colour=opts[int(rng.integers(len(opts)))]))
 
 
+def hidden_options(look: Look) -> list[tuple[str, str, str | None]]:
+    """Every uncaptioned tuple (trim, logo, print scale) a garment with this captionable tuple can have."""
+    scales: tuple[str | None, ...] = (None,) if look.pattern == "solid" else PRINT_SCALES
+    return [(t, lg, ps) for t in TRIMS for lg in LOGOS for ps in scales]
+
+
+def _with_hidden(rng: np.random.Generator, look: Look, taken: Sequence[tuple] = ()) -> Look:
+    """``look`` with uncaptioned factors drawn uniformly from those not in ``taken``."""
+    options = [h for h in hidden_options(look) if h not in set(taken)]
+    trim, logo, scale = options[int(rng.integers(len(options)))]
+    return replace(look, trim=trim, logo=logo, print_scale=scale)
+
+
 def _compatible(cat: int) -> tuple[int, ...]:
     if cat in UPPER:
         return LOWER + OUTWEAR
@@ -146,7 +168,7 @@ def _layer(cat: int) -> int:
 
 
 def _outfit(rng: np.random.Generator, worn: list[ItemPlan], used: set, fillers: set,
-            extra_outwear: float) -> list[ItemPlan]:
+            extra_outwear: float, hidden_rng: np.random.Generator) -> list[ItemPlan]:
     """Complete an outfit around the pair's garments with style-0 fillers; sorted into drawing layers.
 
     A filler never looks like an identity of the split (``used``); its factors go to ``fillers`` so that later
@@ -170,13 +192,20 @@ def _outfit(rng: np.random.Generator, worn: list[ItemPlan], used: set, fillers: 
         while look.factors in used:
             look = _random_look(rng, cat)
         fillers.add(look.factors)
-        items.append(ItemPlan(0, look))
+        items.append(ItemPlan(0, _with_hidden(hidden_rng, look)))
     return sorted(items, key=lambda it: _layer(it.look.category_id))
 
 
 def identity_factors(plans: Sequence[ImagePlan]) -> set:
-    """The factor tuples of the identities (style > 0 garments) in a split's plan."""
+    """The captionable tuples of the identities (style > 0 garments) in a split's plan."""
     return {it.look.factors for plan in plans for it in plan.items if it.style > 0}
+
+
+def shared_tuple_share(plans: Sequence[ImagePlan]) -> float:
+    """Share of a split's identities whose captionable tuple another identity of the split has too."""
+    looks = {(plan.pair_id, it.style): it.look.factors for plan in plans for it in plan.items if it.style > 0}
+    sizes = collections.Counter(looks.values())
+    return sum(n for n in sizes.values() if n > 1) / max(len(looks), 1)
 
 
 def plan_split(config: SynthConfig, split: str) -> list[ImagePlan]:
@@ -184,15 +213,40 @@ def plan_split(config: SynthConfig, split: str) -> list[ImagePlan]:
 
     Train images are ordered by pair with user and shop images mixed inside a pair; validation lists all user
     images first, then all shop images (as in the released splits).
+
+    Look-alikes: before each new identity, while fewer than ``shared_tuple_fraction`` of the identities so far
+    (this one included) share their captionable tuple, the new identity joins an earlier one's tuple (an open
+    group of the candidate's category first, then a lone identity of that category, then — unless the category
+    is forced — of any category) with uncaptioned factors no group member has. Those choices and every
+    uncaptioned factor come from their own random stream, so the rest of the plan draws as in version 3.
     """
     rng = np.random.default_rng([config.seed, SPLIT_CODES[split], 0])
+    hidden_rng = np.random.default_rng([config.seed, SPLIT_CODES[split], 0, 1])
     used: set = set()
-    if split == "test":  # held-out identities: no test identity is a train or validation identity
+    if split == "test":  # held-out identities: no test identity (captionable tuple) is a train or validation one
         used = identity_factors(plan_split(config, "train")) | identity_factors(plan_split(config, "validation"))
     fillers: set = set()
     identities: list[Look] = []
+    groups: dict[tuple, list[Look]] = {}  # captionable tuple -> identities with it, in creation order
+    group_target: dict[tuple, int] = {}  # size a shared group grows to
+    n_shared = 0
+
+    def look_alike_of(category: int, forced: bool) -> tuple | None:
+        def free(f: tuple) -> bool:
+            return len(groups[f]) < len(hidden_options(groups[f][0]))
+
+        open_ = [f for f, g in groups.items() if 1 < len(g) < group_target[f] and free(f)]
+        lone = [f for f, g in groups.items() if len(g) == 1]
+        tiers = [[f for f in open_ if f[0] == category], [f for f in lone if f[0] == category]]
+        if not forced:
+            tiers += [open_, lone]
+        for tier in tiers:
+            if tier:
+                return tier[int(hidden_rng.integers(len(tier)))]
+        return None
 
     def new_identity(category: int | None) -> Look:
+        nonlocal n_shared
         for _ in range(200):
             if identities and rng.random() < config.near_duplicate_prob:
                 look = _near_duplicate(rng, identities[int(rng.integers(len(identities)))], category)
@@ -202,7 +256,24 @@ def plan_split(config: SynthConfig, split: str) -> list[ImagePlan]:
                 break
         else:  # pragma: no cover - the factor space (13 x 16 x ~50) is far larger than any split
             raise RuntimeError("could not find a new unique identity; reduce the number of pairs")
-        used.add(look.factors)
+        used.add(look.factors)  # reserved even when the identity becomes a look-alike (keeps the draws of v3)
+        base = None
+        if n_shared < config.shared_tuple_fraction * (len(identities) + 1):
+            base = look_alike_of(look.category_id, forced=category is not None)
+        if base is None:
+            look = _with_hidden(hidden_rng, look)
+            groups[look.factors] = [look]
+        else:
+            group = groups[base]
+            if len(group) == 1:
+                lo, hi = config.shared_group_size
+                group_target[base] = min(int(hidden_rng.integers(lo, hi + 1)), len(hidden_options(group[0])))
+                n_shared += 1
+            n_shared += 1
+            cat, colour, pattern, pcol = base  # the look-alike keeps its own shape jitter, period and phase
+            look = replace(look, category_id=cat, colour=colour, pattern=pattern, pattern_colour=pcol)
+            look = _with_hidden(hidden_rng, look, taken=[g.hidden for g in group])
+            group.append(look)
         identities.append(look)
         return look
 
@@ -222,7 +293,7 @@ def plan_split(config: SynthConfig, split: str) -> list[ImagePlan]:
                 shown = [styles[j % len(styles)]]
                 shop.append(("flat", shown, 0, False))
             else:
-                items = _outfit(rng, styles, used, fillers, extra_outwear=0.05)
+                items = _outfit(rng, styles, used, fillers, extra_outwear=0.05, hidden_rng=hidden_rng)
                 tgt = [n for n, it in enumerate(items) if it.style == styles[j % len(styles)].style][0]
                 shop.append(("worn", items, tgt, bool(rng.random() < 0.4)))
         covered: set[int] = set()
@@ -235,7 +306,7 @@ def plan_split(config: SynthConfig, split: str) -> list[ImagePlan]:
                 covered |= {it.style for it in shown}
             else:
                 shown = list(styles)
-            items = _outfit(rng, shown, used, fillers, extra_outwear=0.06)
+            items = _outfit(rng, shown, used, fillers, extra_outwear=0.06, hidden_rng=hidden_rng)
             pair_items = [n for n, it in enumerate(items) if it.style > 0]
             tgt = pair_items[int(rng.integers(len(pair_items)))]
             user.append(("worn", items, tgt, bool(rng.random() < 0.4)))

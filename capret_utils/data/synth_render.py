@@ -41,7 +41,7 @@ def _pattern_rgb(look: Look, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     if look.pattern == "solid" or look.pattern_colour is None:
         return out
     pc = np.asarray(PALETTE[look.pattern_colour], np.float32)
-    p, ph = look.period, look.phase
+    p, ph = look.drawn_period, look.phase
     X, Y = np.meshgrid(xs / p + ph, ys / p + ph)
     if look.pattern == "horizontal stripes":
         m = (Y % 1.0) < 0.45
@@ -59,6 +59,13 @@ def _pattern_rgb(look: Look, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         return out * (1 - w) + pc * w
     out[m] = pc
     return out
+
+
+def accent_colour(look: Look) -> str:
+    """The colour of a look's trim and logo: the palette colour farthest from both of its fabrics (a function of
+    the captionable tuple, so look-alikes share it and differ only in where it is drawn)."""
+    fabrics = [np.asarray(PALETTE[c], np.float32) for c in (look.colour, look.pattern_colour) if c]
+    return max(COLOURS, key=lambda c: min(float(np.linalg.norm(np.asarray(PALETTE[c]) - f)) for f in fabrics))
 
 
 def _shade(colour: tuple[int, int, int] | np.ndarray, k: float) -> tuple[int, int, int]:
@@ -115,6 +122,9 @@ class _Canvas:
         xs = (np.arange(x1, x2) + 0.5) / self.ppu + self.x0
         ys = (np.arange(y1, y2) + 0.5) / self.ppu + self.y0
         rgb = _pattern_rgb(look, xs, ys)
+        if look.trim == "hem band":  # the lowest 12 % of the garment's height in the accent colour
+            top, bottom = outline[:, 1].min(), outline[:, 1].max()
+            rgb[ys >= bottom - 0.12 * (bottom - top)] = PALETTE[accent_colour(look)]
         # soft light from above-left: a gentle gradient over the garment
         gy = np.linspace(1.04, 0.9, len(ys), dtype=np.float32)[:, None, None]
         gx = np.linspace(1.02, 0.96, len(xs), dtype=np.float32)[None, :, None]
@@ -140,6 +150,7 @@ class _Canvas:
             d.line(to([(-0.092 * w, 0.462), (0.092 * w, 0.462)]), fill=dark, width=lw)
             if c != 9:
                 d.line(to([(0.0, 0.45), (0.0, 0.56)]), fill=dark, width=lw)
+            self._logo(d, look, outline, to)
             return
         if c in (1, 2, 10, 11):
             nd = 0.035 * neck
@@ -161,6 +172,20 @@ class _Canvas:
             d.line(to([(-0.09 * w, 0.41), (0.09 * w, 0.41)]), fill=dark, width=lw)
         for k in (-1, 1):  # folds
             d.line(to([(0.05 * w * k, 0.3), (0.06 * w * k, 0.38)]), fill=_shade(base, 0.85), width=lw)
+        self._logo(d, look, outline, to)
+
+    @staticmethod
+    def _logo(d: ImageDraw.ImageDraw, look: Look, outline: np.ndarray, to) -> None:
+        """A square patch in the accent colour, 30 % (upper) or 68 % (lower) of the way down the garment, on the
+        centre line (one leg of shorts / trousers, one front panel of outwear)."""
+        if look.logo == "none":
+            return
+        top, bottom = outline[:, 1].min(), outline[:, 1].max()
+        height = bottom - top
+        y = top + (0.3 if look.logo == "upper" else 0.68) * height
+        x = 0.065 * look.shape[1] if look.category_id in (3, 4, 7, 8) else 0.0
+        r = float(np.clip(0.13 * height, 0.035, 0.06)) / 2
+        d.rectangle(sorted_box(to([(x - r, y - r), (x + r, y + r)])), fill=PALETTE[accent_colour(look)])
 
 
 def sorted_box(pts: list[tuple[float, float]]) -> list[float]:
@@ -461,7 +486,8 @@ def render_image(plan: ImagePlan, split: str, cfg: SynthConfig) -> tuple[bytes, 
         look = it.look
         attrs.append({"key": f"{split}/{plan.image_id:06d}/item{n_item}", "colour": look.colour,
                       "colour_rgb": list(PALETTE[look.colour]), "pattern": look.pattern,
-                      "pattern_colour": look.pattern_colour})
+                      "pattern_colour": look.pattern_colour,
+                      "uncaptioned": {"trim": look.trim, "logo": look.logo, "print_scale": look.print_scale}})
     if n_item == 0:  # cannot happen with the camera retry above; never write an annotation without items
         raise RuntimeError(f"{split} image {plan.image_id}: no garment could be annotated")
     return _jpeg_bytes(scene_rgb, cfg.jpeg_quality), anno, attrs

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-SYNTH_VERSION = 3
+SYNTH_VERSION = 4
 """Bumped whenever the generator's output changes; a recorded different version triggers regeneration."""
 
 MARKER = "synth.json"
@@ -41,6 +41,12 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 COLOURS = tuple(PALETTE)
 PATTERNS = ("solid", "horizontal stripes", "vertical stripes", "polka dots", "checks")
 
+# Uncaptioned factors: drawn, recorded in attributes.jsonl under "uncaptioned", never asked about or captioned
+TRIMS = ("none", "hem band")  # a band in a contrasting shade along the hem
+LOGOS = ("none", "upper", "lower")  # a contrasting patch high or low on the garment (mirror-invariant places)
+PRINT_SCALES = ("fine", "bold")  # pattern period x0.7 / x1.6 (patterned garments only; None for solid)
+PRINT_SCALE_FACTOR = {"fine": 0.7, "bold": 1.6}
+
 UPPER, OUTWEAR, LOWER, DRESS = (1, 2, 5, 6), (3, 4), (7, 8, 9), (10, 11, 12, 13)
 _SKIN = ((241, 194, 160), (224, 172, 120), (198, 134, 86), (141, 96, 60), (96, 62, 42))
 _HAIR = ((20, 16, 14), (58, 38, 24), (110, 76, 44), (196, 160, 96))
@@ -60,6 +66,15 @@ class SynthConfig:
     ``close_prob`` / ``small_prob``: share of user photos taken close (large, often cut by the frame) / from far
     (small garments); the rest are full-body. ``occlusion_probs``: chance of no / medium / heavy occluder on the
     main garment of a user photo. ``side_view_prob``: share of user photos seen from the side or back.
+
+    Captions cannot identify an item alone: ``shared_tuple_fraction`` (0 ≤ f < 1; 0 = every identity has its own
+    captionable tuple, as in version 3) is the share of identities in every split, at least, that share their
+    whole captionable tuple (category, colour, pattern, pattern colour — everything a template caption or a
+    dialogue question covers) with other identities of the same split and differ from them only in uncaptioned
+    factors (:data:`TRIMS`, :data:`LOGOS`, :data:`PRINT_SCALES`: a hem band, a logo patch high or low, a fine or
+    bold print). Such groups hold ``shared_group_size`` (inclusive min, max; 2 ≤ min ≤ max ≤ 6) identities. An
+    exact-tuple matcher then finds the right item among g look-alikes with chance 1/g: with the defaults its
+    test hit@1 is about 0.63 (:func:`capret_utils.evaluation.tuple_matcher.tuple_matcher`).
     """
 
     seed: int = 0
@@ -83,6 +98,8 @@ class SynthConfig:
     occlusion_probs: tuple[float, float, float] = (0.9, 0.08, 0.02)
     side_view_prob: float = 0.15
     jpeg_quality: int = 90
+    shared_tuple_fraction: float = 0.6  # share of identities per split whose captionable tuple is not unique
+    shared_group_size: tuple[int, int] = (2, 4)  # identities per group sharing one captionable tuple (min, max)
 
     @classmethod
     def demo(cls, seed: int = 0) -> "SynthConfig":
@@ -120,6 +137,12 @@ class SynthConfig:
             raise ValueError("SynthConfig.occlusion_probs must sum to 1")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError("SynthConfig.jpeg_quality must be in 1..100")
+        if not 0 <= self.shared_tuple_fraction < 1:
+            raise ValueError(f"SynthConfig.shared_tuple_fraction must be in [0, 1), got {self.shared_tuple_fraction}")
+        lo, hi = self.shared_group_size
+        if not 2 <= lo <= hi <= len(TRIMS) * len(LOGOS):
+            raise ValueError(f"SynthConfig.shared_group_size must be (min, max) with 2 <= min <= max <= "
+                             f"{len(TRIMS) * len(LOGOS)}, got {(lo, hi)}")
 
 
 # ------------------------------------------------------------------------------------- garment geometry
@@ -127,19 +150,34 @@ class SynthConfig:
 
 @dataclass(frozen=True)
 class Look:
-    """The appearance of one garment: what makes an identity (plus shape jitter and pattern scale)."""
+    """The appearance of one garment: what makes an identity (captionable :attr:`factors` + uncaptioned
+    :attr:`hidden` factors, plus shape jitter and pattern phase)."""
 
     category_id: int
     colour: str
     pattern: str
     pattern_colour: str | None
     shape: tuple[float, float, float, float, float] = (1.0, 1.0, 1.0, 1.0, 1.0)  # length, width, sleeve, neck, flare
-    period: float = 0.03  # pattern period, person-height units
+    period: float = 0.03  # pattern period before the print scale, person-height units
     phase: float = 0.0  # pattern phase, fraction of a period
+    trim: str = "none"  # one of TRIMS
+    logo: str = "none"  # one of LOGOS
+    print_scale: str | None = None  # one of PRINT_SCALES (None: as drawn by ``period``, the only value for solids)
 
     @property
     def factors(self) -> tuple[int, str, str, str | None]:
+        """The captionable tuple: everything a template caption or a dialogue answer can say about the garment."""
         return (self.category_id, self.colour, self.pattern, self.pattern_colour)
+
+    @property
+    def hidden(self) -> tuple[str, str, str | None]:
+        """The uncaptioned factors (no question or template covers them)."""
+        return (self.trim, self.logo, self.print_scale)
+
+    @property
+    def drawn_period(self) -> float:
+        """The pattern period as drawn (``period`` times the print scale's factor)."""
+        return self.period * (PRINT_SCALE_FACTOR[self.print_scale] if self.print_scale else 1.0)
 
 
 def _mirror_close(right: list[tuple[float, float]], open_front: bool) -> np.ndarray:
