@@ -4,6 +4,8 @@ Answers "how hard is the synthetic benchmark?": chance level, hand-crafted featu
 pixels), a randomly initialised ViT (what a random-weight model's embeddings give) and, with ``--learned``, a
 small CNN or ViT trained from scratch on the train split's identities (ArcFace loss from
 pytorch-metric-learning) — evidence that a learned model can pass 0.9 top-1 while colour statistics cannot.
+``tuple_matcher`` (validation and test) is the exact-tuple matcher of :mod:`capret_utils.evaluation.tuple_matcher`:
+the hit@1 / mAP that captions built from the answer key (category, colour, pattern, pattern colour) reach alone.
 
 Metrics (numpy, GT-box setting, official sets: queries = user items with style > 0, gallery = every shop item):
 top-k accuracy (any positive in the first k) and mAP over the full gallery ranking.
@@ -28,6 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from capret_utils.data import df2  # noqa: E402
+from capret_utils.evaluation import tuple_matcher  # noqa: E402
 from capret_utils.runs import paths
 
 
@@ -277,6 +280,10 @@ def main(argv=None) -> int:
     rq, rg = embed_random_vit(qx, a.crop, a.seed), embed_random_vit(gx, a.crop, a.seed)
     res["random_vit_cls"] = retrieval_metrics(rq["cls"], rg["cls"], rs)
     res["random_vit_meanpool"] = retrieval_metrics(rq["mean"], rg["mean"], rs)
+    # the answer key alone: gallery items with the query's exact captionable tuple first (expected values over
+    # a random order inside the tuple group); what oracle captions can get without looking at the photo
+    report["tuple_matcher"] = {s: tuple_matcher.tuple_matcher_split(root / s)
+                               for s in ("validation", "test") if (root / s).is_dir()}
     if a.learned != "none":
         train = df2.load_items(paths.split_dir(root, "train"))
         train = train[train["style"] > 0].reset_index(drop=True)
@@ -288,7 +295,7 @@ def main(argv=None) -> int:
         per_query[f"learned_{a.learned}"] = first_hit_rank(eq, eg, rs)
     if a.per_query:
         per_query.to_csv(a.per_query, index=False)
-    for v in res.values():
+    for v in [*res.values(), *(t for t in report["tuple_matcher"].values() if t)]:
         for k in list(v):
             if isinstance(v[k], float):
                 v[k] = round(v[k], 4)

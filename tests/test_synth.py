@@ -183,11 +183,18 @@ def _identity_tuples(bench: Path, split: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["pair_id", "style", "tuple", "hidden"]).drop_duplicates(["pair_id", "style"])
 
 
-def test_look_alikes_share_the_captionable_tuple_in_every_split(bench: Path):
+@pytest.fixture(scope="module")
+def small_bench(tmp_path_factory) -> Path:
+    """Smoke-sized images, 10 pairs per split: enough identities per category for look-alike groups."""
+    cfg = replace(synth.SynthConfig.smoke(), train_pairs=10, val_pairs=10, test_pairs=10)
+    return synth.generate(tmp_path_factory.mktemp("synth-small") / "bench", cfg, workers=1)
+
+
+def test_look_alikes_share_the_captionable_tuple_in_every_split(small_bench: Path):
     """>= 1/3 of the identities of each split share their whole captionable tuple with another identity of the
     split and differ from it only in uncaptioned factors."""
     for split in synth.SPLITS:
-        ids = _identity_tuples(bench, split)
+        ids = _identity_tuples(small_bench, split)
         shared = ids.groupby("tuple")["tuple"].transform("size") > 1
         assert shared.mean() >= 1 / 3, (split, shared.mean())
         assert not ids[shared].duplicated(["tuple", "hidden"]).any()  # look-alikes differ in uncaptioned factors
@@ -206,15 +213,20 @@ def test_shared_tuple_fraction_is_met_on_a_planned_split(fraction: float):
             assert share == 0  # version 3's rule: every identity has its own captionable tuple
         sizes = pd.Series([lk.factors for lk in looks.values()]).value_counts()
         assert sizes.max() <= 3
+    # look-alikes only recolour identities: images, pairs and categories are those of fraction 0 (version 3's plan)
+    base = synth.plan_split(replace(cfg, shared_tuple_fraction=0.0), "validation")
+    same = synth.plan_split(cfg, "validation")
+    assert [(p.source, p.pair_id, [it.look.category_id for it in p.items]) for p in same] == [
+        (p.source, p.pair_id, [it.look.category_id for it in p.items]) for p in base]
 
 
-def test_uncaptioned_factors_never_reach_a_caption(bench: Path):
+def test_uncaptioned_factors_never_reach_a_caption(small_bench: Path):
     """Template and dialogue captions (every scripted question, answered from attributes.jsonl) are the same
     whatever the uncaptioned factors are, and never mention them."""
     from capret_utils import captions as C
 
-    items = pd.concat([df2.load_items(bench / s) for s in synth.SPLITS], ignore_index=True)
-    attrs = C.load_attributes([bench / s for s in synth.SPLITS])
+    items = pd.concat([df2.load_items(small_bench / s) for s in synth.SPLITS], ignore_index=True)
+    attrs = C.load_attributes([small_bench / s for s in synth.SPLITS])
     assert all("uncaptioned" in a for a in attrs.values())
     swapped = {k: {**a, "uncaptioned": {"trim": "hem band", "logo": "upper", "print_scale": "bold"}}
                for k, a in attrs.items()}

@@ -20,8 +20,9 @@ What is drawn (all with PIL, in the 13 DeepFashion2 category silhouettes):
   shape jitter, unique within a split; about half of the identities are near-duplicates of an earlier one that
   differ in exactly one captionable factor (same fabric as another garment, same colour different pattern …), so
   colour statistics alone cannot solve retrieval; and ``shared_tuple_fraction`` (default 0.6) of them are
-  look-alikes that share their whole captionable tuple with 1–3 others and differ only in uncaptioned factors,
-  so captions alone cannot identify an item either;
+  look-alikes that share their whole captionable tuple with 1–3 others of their category and differ only in
+  uncaptioned factors, so captions alone cannot identify an item either (they are recoloured after planning, so
+  images and counts do not depend on the fraction);
 * **shop** images: plain light background, centred, the garment laid flat (viewpoint 1) or worn by a frontal
   model (viewpoint 2), no lighting change;
 * **user** images: a person wearing an outfit that holds one or both of the pair's identities plus style-0
@@ -47,6 +48,7 @@ import collections
 import contextlib
 import fcntl
 import json
+import math
 import os
 import shutil
 import sys
@@ -212,41 +214,67 @@ def plan_split(config: SynthConfig, split: str) -> list[ImagePlan]:
     """Decide every image of a split: identities per pair, which garments each image shows, image order.
 
     Train images are ordered by pair with user and shop images mixed inside a pair; validation lists all user
-    images first, then all shop images (as in the released splits).
-
-    Look-alikes: before each new identity, while fewer than ``shared_tuple_fraction`` of the identities so far
-    (this one included) share their captionable tuple, the new identity joins an earlier one's tuple (an open
-    group of the candidate's category first, then a lone identity of that category, then — unless the category
-    is forced — of any category) with uncaptioned factors no group member has. Those choices and every
-    uncaptioned factor come from their own random stream, so the rest of the plan draws as in version 3.
+    images first, then all shop images (as in the released splits). Then :func:`_look_alikes` regroups identities
+    so that ``shared_tuple_fraction`` of them share their captionable tuple.
     """
+    plans, hidden_rng = _base_plan(config, split)
+    return _look_alikes(plans, config, hidden_rng)
+
+
+def _look_alikes(plans: list[ImagePlan], config: SynthConfig, hidden_rng: np.random.Generator) -> list[ImagePlan]:
+    """Give every identity its uncaptioned factors and turn some into look-alikes (see :class:`SynthConfig`).
+
+    Groups form inside one category (so outfits, images and counts stay as planned): a random category, weighted
+    by its identities not yet grouped, gives ``shared_group_size`` of them (fewer when it has fewer, or when the
+    target is nearly met), which take the first one's colour, pattern and pattern colour and get distinct
+    uncaptioned factors; repeated until ``ceil(shared_tuple_fraction * identities)`` are grouped or no category
+    has two left (a tiny split may then stay below the fraction). Look-alikes keep their own shape jitter,
+    pattern period and phase.
+    """
+    looks = {(p.pair_id, it.style): it.look for p in plans for it in p.items if it.style > 0}
+    idents = sorted(looks)
+    free: dict[int, list[tuple[int, int]]] = {}
+    for n in hidden_rng.permutation(len(idents)):
+        ident = idents[int(n)]
+        free.setdefault(looks[ident].category_id, []).append(ident)
+    need = math.ceil(config.shared_tuple_fraction * len(idents) - 1e-9)
+    new: dict[tuple[int, int], Look] = {}
+    shared = 0
+    while shared < need:
+        cats = sorted(c for c, ids in free.items() if len(ids) >= 2)
+        if not cats:
+            break
+        weights = np.asarray([len(free[c]) for c in cats], np.float64)
+        cat = cats[int(hidden_rng.choice(len(cats), p=weights / weights.sum()))]
+        size = int(hidden_rng.integers(config.shared_group_size[0], config.shared_group_size[1] + 1))
+        base = looks[free[cat][0]]
+        size = min(size, len(free[cat]), len(hidden_options(base)), max(2, need - shared))
+        members, free[cat] = free[cat][:size], free[cat][size:]
+        options = hidden_options(base)
+        for ident, k in zip(members, hidden_rng.choice(len(options), size=size, replace=False)):
+            trim, logo, scale = options[int(k)]
+            new[ident] = replace(looks[ident], colour=base.colour, pattern=base.pattern,
+                                 pattern_colour=base.pattern_colour, trim=trim, logo=logo, print_scale=scale)
+        shared += size
+    for ident in idents:
+        if ident not in new:
+            new[ident] = _with_hidden(hidden_rng, looks[ident])
+    return [replace(p, items=tuple(ItemPlan(it.style, new[(p.pair_id, it.style)]) if it.style > 0 else it
+                                   for it in p.items)) for p in plans]
+
+
+def _base_plan(config: SynthConfig, split: str) -> tuple[list[ImagePlan], np.random.Generator]:
+    """The plan before look-alikes (every identity its own captionable tuple; fillers already have their
+    uncaptioned factors) and the random stream of the uncaptioned factors."""
     rng = np.random.default_rng([config.seed, SPLIT_CODES[split], 0])
     hidden_rng = np.random.default_rng([config.seed, SPLIT_CODES[split], 0, 1])
     used: set = set()
     if split == "test":  # held-out identities: no test identity (captionable tuple) is a train or validation one
-        used = identity_factors(plan_split(config, "train")) | identity_factors(plan_split(config, "validation"))
+        used = identity_factors(_base_plan(config, "train")[0]) | identity_factors(_base_plan(config, "validation")[0])
     fillers: set = set()
     identities: list[Look] = []
-    groups: dict[tuple, list[Look]] = {}  # captionable tuple -> identities with it, in creation order
-    group_target: dict[tuple, int] = {}  # size a shared group grows to
-    n_shared = 0
-
-    def look_alike_of(category: int, forced: bool) -> tuple | None:
-        def free(f: tuple) -> bool:
-            return len(groups[f]) < len(hidden_options(groups[f][0]))
-
-        open_ = [f for f, g in groups.items() if 1 < len(g) < group_target[f] and free(f)]
-        lone = [f for f, g in groups.items() if len(g) == 1]
-        tiers = [[f for f in open_ if f[0] == category], [f for f in lone if f[0] == category]]
-        if not forced:
-            tiers += [open_, lone]
-        for tier in tiers:
-            if tier:
-                return tier[int(hidden_rng.integers(len(tier)))]
-        return None
 
     def new_identity(category: int | None) -> Look:
-        nonlocal n_shared
         for _ in range(200):
             if identities and rng.random() < config.near_duplicate_prob:
                 look = _near_duplicate(rng, identities[int(rng.integers(len(identities)))], category)
@@ -256,24 +284,7 @@ def plan_split(config: SynthConfig, split: str) -> list[ImagePlan]:
                 break
         else:  # pragma: no cover - the factor space (13 x 16 x ~50) is far larger than any split
             raise RuntimeError("could not find a new unique identity; reduce the number of pairs")
-        used.add(look.factors)  # reserved even when the identity becomes a look-alike (keeps the draws of v3)
-        base = None
-        if n_shared < config.shared_tuple_fraction * (len(identities) + 1):
-            base = look_alike_of(look.category_id, forced=category is not None)
-        if base is None:
-            look = _with_hidden(hidden_rng, look)
-            groups[look.factors] = [look]
-        else:
-            group = groups[base]
-            if len(group) == 1:
-                lo, hi = config.shared_group_size
-                group_target[base] = min(int(hidden_rng.integers(lo, hi + 1)), len(hidden_options(group[0])))
-                n_shared += 1
-            n_shared += 1
-            cat, colour, pattern, pcol = base  # the look-alike keeps its own shape jitter, period and phase
-            look = replace(look, category_id=cat, colour=colour, pattern=pattern, pattern_colour=pcol)
-            look = _with_hidden(hidden_rng, look, taken=[g.hidden for g in group])
-            group.append(look)
+        used.add(look.factors)
         identities.append(look)
         return look
 
@@ -321,7 +332,7 @@ def plan_split(config: SynthConfig, split: str) -> list[ImagePlan]:
     else:
         order = [u for _, user in pairs for u in user] + [s for shop, _ in pairs for s in shop]
     return [ImagePlan(n + 1, src, pid, kind, tuple(items), tgt, tucked)
-            for n, (src, pid, kind, items, tgt, tucked) in enumerate(order)]
+            for n, (src, pid, kind, items, tgt, tucked) in enumerate(order)], hidden_rng
 
 
 # -------------------------------------------------------------------------------------- writing a split

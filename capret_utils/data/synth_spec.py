@@ -72,9 +72,11 @@ class SynthConfig:
     whole captionable tuple (category, colour, pattern, pattern colour — everything a template caption or a
     dialogue question covers) with other identities of the same split and differ from them only in uncaptioned
     factors (:data:`TRIMS`, :data:`LOGOS`, :data:`PRINT_SCALES`: a hem band, a logo patch high or low, a fine or
-    bold print). Such groups hold ``shared_group_size`` (inclusive min, max; 2 ≤ min ≤ max ≤ 6) identities. An
+    bold print). Groups form inside a category and hold ``shared_group_size`` (inclusive min, max; 2 ≤ min ≤ max
+    ≤ 6) identities; a tiny split (a few identities per category, e.g. ``smoke``) may fall short of f. An
     exact-tuple matcher then finds the right item among g look-alikes with chance 1/g: with the defaults its
-    test hit@1 is about 0.63 (:func:`capret_utils.evaluation.tuple_matcher.tuple_matcher`).
+    hit@1 is about 0.6 (:func:`capret_utils.evaluation.tuple_matcher.tuple_matcher`). Look-alikes only recolour
+    planned identities, so images, pairs, categories and counts are those of ``shared_tuple_fraction=0``.
     """
 
     seed: int = 0
