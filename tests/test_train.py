@@ -124,7 +124,7 @@ def _batch(setup, n=8):
 def test_compute_losses_every_term_and_gradients(splits):
     cfg = _cfg(w_arcface_fused=0.5)
     setup = train.prepare(cfg, splits[0])
-    net = setup.bundle.model.train()
+    net = setup.bundle.model.eval()  # no dropout / drop path: the recomputation below must see the same features
     arc = L.ArcFace(len(setup.classes), net.config.embed_dim, cfg.margin, cfg.arcface_scale)
     cat = L.ArcFace(13, net.config.embed_dim, cfg.margin, cfg.arcface_scale)
     batch = _batch(setup)

@@ -27,6 +27,7 @@ from capret_utils.captions.dialogue import (
     TemplateCaptioner,
 )
 from capret_utils.captions.llm import ChatLLMQuestioner, LLMConfig
+from capret_utils.captions.pixel import PIXEL_VQA, PixelAnswerer, PixelVQAConfig, load_or_train
 from capret_utils.captions.store import CaptionStore
 from capret_utils.captions.template import _require_columns, template_caption
 from capret_utils.captions.tiny import build_tiny_models
@@ -145,12 +146,14 @@ def resolve_splits(root: str | os.PathLike, split: str | Sequence[str] = "all") 
     return names
 
 
-def load_split_items(root: str | os.PathLike, split: str | Sequence[str] = "all") -> pd.DataFrame:
-    """The items tables of the requested splits (``capret_utils.data.df2.load_items``), concatenated."""
-    from capret_utils.data import df2
-    from capret_utils.runs import paths
+def load_split_items(root: str | os.PathLike, split: str | Sequence[str] = "all", errors: str = "raise",
+                     ) -> pd.DataFrame:
+    """The items tables of the requested splits from the lean, cached index
+    (:func:`capret_utils.data.index.load_index`; ``errors="skip"`` lists bad files in ``attrs["skipped"]``),
+    concatenated."""
+    from capret_utils.data.index import load_index
 
-    frames = [df2.load_items(paths.split_dir(root, s)) for s in resolve_splits(root, split)]
+    frames = [load_index(Path(root) / s, errors) for s in resolve_splits(root, split)]
     skipped = [s for f in frames for s in f.attrs.get("skipped", [])]
     items = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     items.attrs["skipped"] = skipped
@@ -173,8 +176,11 @@ class CaptionSetup:
 
     ``llm`` / ``vqa``: a model id or local folder; empty = the offline :class:`ScriptedQuestioner` /
     :class:`AttributeAnswerer`; ``"tiny"`` = the random tiny Phi-3 / BLIP from :func:`build_tiny_models`
-    (``"tiny-blip2"`` for BLIP-2). In smoke mode an empty ``llm`` / ``vqa`` means ``"tiny"`` and the dialogue is
-    shortened (≤ 3 rounds, 8 question, 24 summary and 6 answer tokens) so CI exercises the HF code path quickly.
+    (``"tiny-blip2"`` for BLIP-2); ``"x2vlm-demo"`` = the pixel answerer (:mod:`capret_utils.captions.pixel`: the
+    demo X2-VLM VQA model trained on the train split of ``data_root``, cached under ``model_dir``; its captions are
+    labelled ``pixel``). In smoke mode an empty ``llm`` / ``vqa`` means ``"tiny"`` and the dialogue is
+    shortened (≤ 3 rounds, 8 question, 24 summary and 6 answer tokens, ≤ 3 pixel-answerer training steps) so CI
+    exercises the HF code path quickly.
     """
 
     captioner: str = "template"  # template | dialogue
@@ -189,6 +195,8 @@ class CaptionSetup:
     answer_tokens: int = 20
     smoke: bool = False
     allow_oracle: bool = False  # with an empty vqa on data without attributes.jsonl: answer from the annotations
+    vqa_steps: int = 0  # vqa="x2vlm-demo": training steps of the pixel answerer; 0 = PixelVQAConfig's default
+    data_root: str = ""  # vqa="x2vlm-demo": data root whose train split it learns from; empty = $CAPRET_DATA / synthetic
 
     def effective(self) -> "CaptionSetup":
         """The setup actually run (smoke defaults applied)."""
@@ -198,7 +206,7 @@ class CaptionSetup:
             return self
         return replace(self, llm=self.llm or "tiny", vqa=self.vqa or "tiny", rounds=min(self.rounds, 3),
                        question_tokens=min(self.question_tokens, 8), summary_tokens=min(self.summary_tokens, 24),
-                       answer_tokens=min(self.answer_tokens, 6))
+                       answer_tokens=min(self.answer_tokens, 6), vqa_steps=min(self.vqa_steps or 3, 3))
 
 
 def build_captioner(setup: CaptionSetup, attributes: Mapping[str, Mapping[str, Any]] | None = None,
@@ -230,9 +238,11 @@ def build_captioner(setup: CaptionSetup, attributes: Mapping[str, Mapping[str, A
             min_new_tokens=4 if setup.llm == "tiny" else 0))  # random weights often emit eos at once
     else:
         questioner = ScriptedQuestioner()
-    if setup.vqa:
+    if setup.vqa in PIXEL_VQA:
+        answerer: Answerer = _pixel_answerer(setup, model_dir)
+    elif setup.vqa:
         vqa_path = str(tiny[tiny_vqa[setup.vqa]]) if setup.vqa in tiny_vqa else setup.vqa
-        answerer: Answerer = VQAAnswerer(vqa_path, VQAConfig(
+        answerer = VQAAnswerer(vqa_path, VQAConfig(
             device=setup.device, max_new_tokens=setup.answer_tokens,
             min_new_tokens=1 if setup.vqa in tiny_vqa else 0))
     else:
@@ -248,6 +258,18 @@ def build_captioner(setup: CaptionSetup, attributes: Mapping[str, Mapping[str, A
                           "and pattern", RuntimeWarning, stacklevel=2)
         answerer = AttributeAnswerer(attributes)
     return DialogueCaptioner(questioner, answerer, DialogueConfig(rounds=setup.rounds, view=setup.view))
+
+
+def _pixel_answerer(setup: CaptionSetup, model_dir: str | os.PathLike | None) -> PixelAnswerer:
+    """The pixel answerer of ``setup.vqa`` (trained on ``data_root``'s train split on a cache miss)."""
+    from capret_utils.runs import paths
+
+    if model_dir is None:
+        raise ValueError(f"model_dir is needed to cache the {setup.vqa!r} answerer")
+    defaults = PixelVQAConfig()
+    config = PixelVQAConfig(preset=PIXEL_VQA[setup.vqa], steps=setup.vqa_steps or defaults.steps)
+    folder = load_or_train(paths.data_root(setup.data_root or None, setup.smoke), model_dir, config)
+    return PixelAnswerer(folder, device=str(resolve_device(setup.device)), name=f"x2vlm-vqa:{setup.vqa}")
 
 
 # ----------------------------------------------------------------------------------------- reporting helpers

@@ -21,9 +21,14 @@ ArcFace, ITC's soft targets and ITM's positive exclusion). It yields ``(row, aug
 sample's randomness is a pure function of ``(seed, epoch, batch, slot)``, so batches are identical whatever the
 number of workers and after a resume (the sampler's position is part of the training checkpoint).
 
-Decoded pixels go through :class:`ImageStore`, which crops and shrinks each view to at most ``cache_side``
-pixels (longest side) before the processor resizes it, with or without an in-memory cache, so training,
-evaluation and notebook 04 see the same pixels.
+Decoded pixels go through :class:`~capret_utils.data.decode.ImageStore`, which decodes JPEGs at the size needed,
+crops and shrinks each view to at most ``cache_side`` pixels (longest side) before the processor resizes it, with
+or without a RAM-bounded cache, so training, evaluation and notebook 04 see the same pixels.
+
+The one DataLoader recipe lives here too (:func:`build_loader`: workers, pinned memory, persistent workers,
+prefetch; :func:`resolve_workers` = the ``num_workers`` parameter of notebooks 02-04), with :class:`ViewDataset`,
+the evaluation-side dataset (one processed view per row, in order). Datasets keep their rows in compact columns
+(:class:`~capret_utils.data.decode.ItemColumns`), so forked workers share them instead of copying Python objects.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import torch
 from PIL import Image
 
 from capret_utils.data.boxes import CROP_CONTEXT, crop_box  # noqa: F401 - crop_box re-exported: D.crop_box
+from capret_utils.data.decode import ON_ERROR, ImageStore, ItemColumns, StringColumn  # noqa: F401 - re-exported
 from capret_utils.data.df2 import CAPTION_MODES, CATEGORY_NAMES, identity_key
 from capret_utils.x2vlm.processing import (
     ImageSettings,
@@ -67,8 +73,10 @@ class DataConfig:
     crop_ratio_relative: bool = True
     hflip_prob: float = 0.5
     erase_prob: float = 0.0  # random erasing: share of training views with one rectangle painted a random colour
-    cache: bool = True  # keep decoded, shrunk views in memory (bounded by cache_side)
+    cache_mb: float = 512.0  # RAM budget of the decoded-view cache, MB, shared by the loader's workers; 0 = no cache
     cache_side: int = 0  # longest side a view is shrunk to before the processor; 0 = 2 x image_res
+    draft: bool = True  # decode JPEGs at reduced size (DCT scaling) when the view is shrunk by 2x or more
+    bad_images: str = "raise"  # unreadable image: "raise" (error naming the file) | "skip" (dropped, counted)
     identities_per_batch: int = 32  # P of the P×K sampler
     per_identity: int = 2  # K of the P×K sampler (drawn with replacement when an identity has fewer items)
 
@@ -89,6 +97,10 @@ class DataConfig:
             raise ValueError(f"DataConfig.crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
         if not 0 <= self.erase_prob <= 1:
             raise ValueError(f"DataConfig.erase_prob must be in [0, 1], got {self.erase_prob}")
+        if self.bad_images not in ON_ERROR:
+            raise ValueError(f"DataConfig.bad_images must be one of {ON_ERROR}, got {self.bad_images!r}")
+        if self.cache_mb < 0:
+            raise ValueError(f"DataConfig.cache_mb is a RAM budget in MB (0 = off), got {self.cache_mb}")
 
     @property
     def batch_size(self) -> int:
@@ -141,89 +153,6 @@ def text_ids(texts: Sequence[str], tokenizer: X2VLMTokenizer | None = None) -> n
 # ------------------------------------------------------------------------------------------ pixels
 
 
-def _open(path: str, key: str) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"item {key}: image file {path} (field 'path') not found") from None
-    except OSError as exc:
-        raise ValueError(f"item {key}: cannot read image {path} (field 'path'): {exc}") from None
-
-
-def _shrink(image: Image.Image, side: int) -> Image.Image:
-    if max(image.size) > side:
-        image = image.copy()
-        image.thumbnail((side, side), Image.Resampling.BICUBIC)
-    return image
-
-
-class ImageStore:
-    """Decoded item crops and whole photos, shrunk to ``side`` pixels (longest side), optionally cached.
-
-    ``crop(row, context)`` and ``image(row)`` return PIL images; ``image`` also returns the factor that maps the
-    original pixel coordinates onto the returned image. The same shrinking happens with and without the cache.
-    """
-
-    def __init__(self, side: int, cache: bool = True) -> None:
-        if side < 8:
-            raise ValueError(f"ImageStore side must be >= 8 pixels, got {side}")
-        self.side = int(side)
-        self.cache_enabled = bool(cache)
-        self._crops: dict[tuple, Image.Image] = {}  # (key, context, box) -> shrunk crop
-        self._images: dict[str, tuple[Image.Image, float]] = {}
-        self._last: tuple[str, Image.Image] | None = None  # last decoded full-resolution photo
-
-    def _full(self, row: Mapping[str, Any]) -> Image.Image:
-        path = str(row["path"])
-        if self._last is None or self._last[0] != path:
-            self._last = (path, _open(path, str(row.get("key", "?"))))
-        return self._last[1]
-
-    def crop(self, row: Mapping[str, Any], context: float) -> Image.Image:
-        key = (str(row["key"]), float(context), *(float(row[k]) for k in ("x1", "y1", "x2", "y2")))
-        hit = self._crops.get(key)
-        if hit is not None:
-            return hit
-        full = self._full(row)
-        out = _shrink(full.crop(crop_box(row, context, full.width, full.height)), self.side)
-        if self.cache_enabled:
-            self._crops[key] = out
-        return out
-
-    def image(self, row: Mapping[str, Any]) -> tuple[Image.Image, float]:
-        path = str(row["path"])
-        hit = self._images.get(path)
-        if hit is not None:
-            return hit
-        full = self._full(row)
-        out = _shrink(full, self.side)
-        result = (out, out.width / full.width)
-        if self.cache_enabled:
-            self._images[path] = result
-        return result
-
-    def view(self, row: Mapping[str, Any], view: str, context: float) -> Image.Image:
-        return self.crop(row, context) if view == "crop" else self.image(row)[0]
-
-    def warm(self, items: pd.DataFrame, view: str, context: float, whole_images: bool = False,
-             progress: bool = True, desc: str = "decode") -> None:
-        """Decode every row's view (and whole photo) once, in path order, so the cache is filled."""
-        if not self.cache_enabled:
-            return
-        from tqdm.auto import tqdm
-
-        rows = items.sort_values(["path"], kind="stable").to_dict("records")
-        for row in tqdm(rows, desc=desc, disable=not progress, leave=False):
-            self.view(row, view, context)
-            if whole_images:
-                self.image(row)
-        self._last = None
-
-    def __len__(self) -> int:
-        return len(self._crops) + len(self._images)
-
-
 def recolour(pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Colour-scrambled copies of normalised views ``(n, 3, H, W)``: the garment's shape stays, its colours do not.
 
@@ -261,7 +190,11 @@ def build_processor(config: DataConfig) -> X2VLMImageProcessor:
 
 class ItemDataset(torch.utils.data.Dataset):
     """Training samples over an items table; indexed by ``(row, seed)`` pairs from :class:`PKBatchSampler`
-    (an int row means no augmentation randomness: evaluation preprocessing)."""
+    (an int row means no augmentation randomness: evaluation preprocessing).
+
+    With ``config.bad_images="skip"`` an unreadable image gives ``{"skipped": key, "path": ..., "row": i}`` instead
+    of a sample; :class:`Collator` drops it from the batch and lists it in ``batch["skipped"]``.
+    """
 
     def __init__(self, items: pd.DataFrame, texts: Sequence[str], labels: np.ndarray, config: DataConfig,
                  store: ImageStore | None = None, processor: X2VLMImageProcessor | None = None,
@@ -269,41 +202,56 @@ class ItemDataset(torch.utils.data.Dataset):
         config.validate()
         if not (len(items) == len(texts) == len(labels)):
             raise ValueError(f"items ({len(items)}), texts ({len(texts)}) and labels ({len(labels)}) differ in length")
-        self.items = items.reset_index(drop=True)
-        self.rows = self.items.to_dict("records")
-        self.texts = list(texts)
+        items = items.reset_index(drop=True)
+        self.columns = ItemColumns(items)
+        self.texts = StringColumn(texts)
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.categories = category_labels(self.items)
+        self.categories = category_labels(items)
         self.text_group = (np.asarray(text_group, dtype=np.int64) if text_group is not None
-                           else text_ids(self.texts))
+                           else text_ids(list(texts)))
         self.config = config
-        self.store = store or ImageStore(config.store_side, config.cache)
+        self.store = store or ImageStore(config.store_side, config.cache_mb, config.draft, config.bad_images)
         self.processor = processor or build_processor(config)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.columns)
+
+    def row(self, i: int) -> dict[str, Any]:
+        """The fields of row ``i`` a view needs (key, path, box, size)."""
+        return self.columns.row(int(i))
 
     def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
         row_idx, seed = (index, None) if isinstance(index, (int, np.integer)) else index
-        row = self.rows[int(row_idx)]
+        row_idx = int(row_idx)
+        row = self.columns.row(row_idx)
         cfg = self.config
         train = cfg.augment and seed is not None
+        view = self.store.view(row, cfg.view, cfg.context)
+        if view is None:
+            return {"skipped": row["key"], "path": row["path"], "row": row_idx}
         rng = np.random.default_rng(int(seed)) if train else None
-        pixels, _ = self.processor.process_one(self.store.view(row, cfg.view, cfg.context), train=train, rng=rng)
+        pixels, _ = self.processor.process_one(view, train=train, rng=rng)
         label = int(self.labels[row_idx])
         sample = {"pixel_values": torch.from_numpy(pixels), "text": self.texts[row_idx], "label": label,
                   "category": int(self.categories[row_idx]),
                   # ITC/ITM positives: same identity; an item without one only matches itself
-                  "itc_id": label if label >= 0 else -1 - int(row_idx),
-                  "text_id": int(self.text_group[row_idx]), "row": int(row_idx), "key": str(row["key"])}
+                  "itc_id": label if label >= 0 else -1 - row_idx,
+                  "text_id": int(self.text_group[row_idx]), "row": row_idx, "key": row["key"]}
         if cfg.box_task and not cfg.box_per_batch:
-            sample.update(self.box_sample(int(row_idx)))
+            box = self.box_sample(row_idx)
+            if box is None:
+                return {"skipped": row["key"], "path": row["path"], "row": row_idx}
+            sample.update(box)
         return sample
 
-    def box_sample(self, row_idx: int) -> dict[str, torch.Tensor]:
-        """The box task's input for one row: the whole photo and the item box relative to it (cx, cy, w, h)."""
-        row = self.rows[int(row_idx)]
-        image, factor = self.store.image(row)
+    def box_sample(self, row_idx: int) -> dict[str, torch.Tensor] | None:
+        """The box task's input for one row: the whole photo and the item box relative to it (cx, cy, w, h);
+        None for an unreadable photo with ``bad_images="skip"``."""
+        row = self.columns.row(int(row_idx))
+        got = self.store.image(row)
+        if got is None:
+            return None
+        image, factor = got
         box = [float(row[k]) * factor for k in ("x1", "y1", "x2", "y2")]
         box_pixels, target = self.processor.process_one(image, train=False, box=box)
         return {"box_pixel_values": torch.from_numpy(box_pixels), "box_target": torch.from_numpy(target)}
@@ -313,7 +261,8 @@ class Collator:
     """Stack a list of samples; tokenise the texts (``padding="longest"``, official training call).
 
     With ``box_source`` (a dataset whose ``config.box_per_batch`` is n > 0), the box task's inputs are built here
-    for the first n samples of the batch only, instead of for every sample.
+    for the first n samples of the batch only, instead of for every sample. Skipped samples (unreadable images with
+    ``bad_images="skip"``) are left out; their keys and paths are listed in ``batch["skipped"]``.
     """
 
     def __init__(self, tokenizer: X2VLMTokenizer, box_source: ItemDataset | None = None) -> None:
@@ -321,6 +270,10 @@ class Collator:
         self.box_source = box_source
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        skipped = [{"key": s["skipped"], "path": s["path"]} for s in samples if "skipped" in s]
+        samples = [s for s in samples if "skipped" not in s]
+        if not samples:
+            return {"skipped": skipped, "empty": True}
         enc = self.tokenizer([s["text"] for s in samples], padding="longest")
         batch: dict[str, Any] = {
             "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
@@ -331,15 +284,98 @@ class Collator:
             "text_ids": torch.tensor([s["text_id"] for s in samples], dtype=torch.long),
             "rows": torch.tensor([s["row"] for s in samples], dtype=torch.long),
             "keys": [s["key"] for s in samples],
+            "skipped": skipped,
         }
         boxes = [s for s in samples if "box_pixel_values" in s]
         src = self.box_source
         if src is not None and src.config.box_task and src.config.box_per_batch and not boxes:
-            boxes = [src.box_sample(s["row"]) for s in samples[:src.config.box_per_batch]]
+            for s in samples[:src.config.box_per_batch]:
+                box = src.box_sample(s["row"])
+                if box is None:  # unreadable photo (skip mode): the box task uses the rows before it
+                    skipped.append({"key": s["key"], "path": src.row(s["row"])["path"]})
+                    break
+                boxes.append(box)
         if boxes:
             batch["box_pixel_values"] = torch.stack([s["box_pixel_values"] for s in boxes])
             batch["box_targets"] = torch.stack([s["box_target"] for s in boxes])
         return batch
+
+
+# ------------------------------------------------------------------------------------------ evaluation views
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """One processed view per row of an items table, in order (evaluation preprocessing): ``(row, pixel array)``.
+
+    ``view``: ``"crop"`` (the box given by ``boxes`` or the table's GT box, grown by ``context``) or ``"image"``.
+    An unreadable image with ``store.on_error="skip"`` yields a grey placeholder view and is listed in the batch's
+    ``"skipped"`` (so every row still gets an embedding and stays in the evaluation's denominator).
+    """
+
+    def __init__(self, items: pd.DataFrame, store: ImageStore, processor: X2VLMImageProcessor, view: str = "crop",
+                 context: float = CROP_CONTEXT, boxes: np.ndarray | None = None) -> None:
+        if view not in VIEWS:
+            raise ValueError(f"ViewDataset view must be one of {VIEWS}, got {view!r}")
+        self.columns = ItemColumns(items, boxes)
+        self.store, self.processor, self.view, self.context = store, processor, view, float(context)
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.columns.row(int(i))
+        image = self.store.view(row, self.view, self.context)
+        out: dict[str, Any] = {"row": int(i)}
+        if image is None:
+            image = Image.new("RGB", (self.store.side, self.store.side), (128, 128, 128))
+            out["skipped"] = {"key": row["key"], "path": row["path"]}
+        out["pixel_values"] = torch.from_numpy(self.processor.process_one(image, train=False)[0])
+        return out
+
+
+def collate_views(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stack :class:`ViewDataset` samples: ``pixel_values``, ``rows`` and the ``skipped`` list."""
+    return {"pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+            "rows": torch.tensor([s["row"] for s in samples], dtype=torch.long),
+            "skipped": [s["skipped"] for s in samples if "skipped" in s]}
+
+
+# ------------------------------------------------------------------------------------------ DataLoader
+
+
+def resolve_workers(num_workers: int) -> int:
+    """The ``num_workers`` parameter: -1 = auto (all cores but one, at most 8), 0 = load in the main process,
+    n > 0 = n worker processes."""
+    if num_workers < -1:
+        raise ValueError(f"num_workers must be -1 (auto), 0 (in-process) or a worker count, got {num_workers}")
+    if num_workers == -1:
+        import os
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(0, min(8, cores - 1))
+    return int(num_workers)
+
+
+def build_loader(dataset: torch.utils.data.Dataset, collate_fn: Any, num_workers: int = -1, *,
+                 batch_sampler: Any = None, batch_size: int | None = None, pin_memory: bool = False,
+                 persistent: bool = True, prefetch_factor: int = 4, seed: int = 0) -> torch.utils.data.DataLoader:
+    """The one DataLoader recipe: ``num_workers`` (:func:`resolve_workers`), pinned memory (CUDA), persistent
+    workers, ``prefetch_factor`` batches per worker, a private seeded generator (worker seeds never move the
+    global RNG), and the dataset's image-cache budget split across the workers. Batches come from
+    ``batch_sampler`` or, in order, ``batch_size`` rows at a time."""
+    workers = resolve_workers(num_workers)
+    store = getattr(dataset, "store", None)
+    if isinstance(store, ImageStore):
+        store.split_budget(workers)
+    extra: dict[str, Any] = {}
+    if workers > 0:
+        extra.update(persistent_workers=persistent, prefetch_factor=prefetch_factor)
+    if batch_sampler is not None:
+        extra["batch_sampler"] = batch_sampler
+    else:
+        extra.update(batch_size=batch_size or 1, shuffle=False)
+    return torch.utils.data.DataLoader(dataset, collate_fn=collate_fn, num_workers=workers, pin_memory=pin_memory,
+                                       generator=torch.Generator().manual_seed(seed), **extra)
 
 
 # ------------------------------------------------------------------------------------------ P×K sampling

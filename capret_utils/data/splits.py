@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from capret_utils.data import df2
+from capret_utils.data.index import load_index
 
 SELECT_FRACTION = 0.05
 """Default share of the train pairs held out to select on when the root has no test split (real DeepFashion2)."""
@@ -72,15 +73,35 @@ def subsample_identities(train: pd.DataFrame, max_items: int, seed: int = 0) -> 
     return train[[i in keep for i in ident]].reset_index(drop=True)
 
 
+def eval_subset(items: pd.DataFrame, max_items: int, seed: int = 0) -> pd.DataFrame:
+    """A fixed, seeded subset of whole pairs (every item of a chosen ``pair_id``: its queries, positives and the
+    shop items of the same pair) holding about ``max_items`` items — what training evaluates at ``eval_every``;
+    0 or a table at most that large = the table itself."""
+    if not max_items or len(items) <= max_items:
+        return items
+    pairs = np.array(sorted(pd.unique(items["pair_id"])))
+    counts = items["pair_id"].value_counts()
+    keep, total = [], 0
+    for p in np.random.default_rng([seed, 7]).permutation(pairs):
+        if total >= max_items:
+            break
+        keep.append(p)
+        total += int(counts[p])
+    return items[items["pair_id"].isin(set(keep))].reset_index(drop=True)
+
+
 def load_splits(root: str | os.PathLike, select_fraction: float = SELECT_FRACTION, seed: int = 0,
-                max_train_items: int = 0) -> Splits:
+                max_train_items: int = 0, errors: df2.ErrorMode = "raise") -> Splits:
     """The train / select / test items of a data root (see the module docstring); ``max_train_items`` > 0 keeps
-    a seeded subset of whole training identities for quick runs. ``seed`` draws the select slice on real data."""
+    a seeded subset of whole training identities for quick runs. ``seed`` draws the select slice on real data.
+
+    Tables come from the lean, cached index (:func:`~capret_utils.data.index.load_index`); ``errors="skip"``
+    leaves bad annotation files out, listed in each table's ``attrs["skipped"]`` (see :func:`skipped_report`)."""
     root = Path(root)
-    train = df2.load_items(_split_dir(root, "train"))
+    train = load_index(_split_dir(root, "train"), errors)
     if (root / "test").is_dir():
-        select = df2.load_items(_split_dir(root, "validation"))
-        test = df2.load_items(_split_dir(root, "test"))
+        select = load_index(_split_dir(root, "validation"), errors)
+        test = load_index(_split_dir(root, "test"), errors)
         names = {"train": "train", "select": "validation", "test": "test"}
     else:
         mask = select_pairs(train, select_fraction, seed)
@@ -89,7 +110,7 @@ def load_splits(root: str | os.PathLike, select_fraction: float = SELECT_FRACTIO
                              f"select_fraction > 0 (got {select_fraction}) with at least 2 train pairs")
         select = train[mask].reset_index(drop=True)
         train = train[~mask].reset_index(drop=True)
-        test = df2.load_items(_split_dir(root, "validation"))
+        test = load_index(_split_dir(root, "validation"), errors)
         names = {"train": f"train without the select slice ({(~mask).sum()} items)",
                  "select": f"train pairs held out to select on ({select_fraction:.0%} of the pairs, seed {seed})",
                  "test": "validation (the official retrieval split, reported once)"}
@@ -100,7 +121,7 @@ ROLES = ("test", "select")
 
 
 def load_role(root: str | os.PathLike, role: str = "test", select_fraction: float = SELECT_FRACTION,
-              seed: int = 0) -> tuple[pd.DataFrame, str]:
+              seed: int = 0, errors: df2.ErrorMode = "raise") -> tuple[pd.DataFrame, str]:
     """The items of one role (``"test"`` or ``"select"``) and the split folder they come from, without loading
     more than needed: test is ``test/`` when the root has one, else ``validation/``; select is ``validation/`` on
     a root with ``test/``, else the held-out train slice of :func:`load_splits` (same ``select_fraction``, ``seed``)."""
@@ -110,7 +131,15 @@ def load_role(root: str | os.PathLike, role: str = "test", select_fraction: floa
     has_test = (root / "test").is_dir()
     if role == "test":
         folder = "test" if has_test else "validation"
-        return df2.load_items(_split_dir(root, folder)), folder
+        return load_index(_split_dir(root, folder), errors), folder
     if has_test:
-        return df2.load_items(_split_dir(root, "validation")), "validation"
-    return load_splits(root, select_fraction, seed).select, "train"
+        return load_index(_split_dir(root, "validation"), errors), "validation"
+    train = load_index(_split_dir(root, "train"), errors)
+    return train[select_pairs(train, select_fraction, seed)].reset_index(drop=True), "train"
+
+
+def skipped_report(*tables: pd.DataFrame) -> pd.DataFrame:
+    """Every file or item the reader skipped (``errors="skip"``) in the given tables: one row each with
+    ``split``, ``file``, ``field``, ``reason``, ``level`` and ``key`` (empty when nothing was skipped)."""
+    rows = [{"split": t.attrs.get("split", ""), **s} for t in tables for s in t.attrs.get("skipped", [])]
+    return pd.DataFrame(rows, columns=["split", "file", "field", "reason", "level", "key"])

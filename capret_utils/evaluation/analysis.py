@@ -192,8 +192,12 @@ class AnalysisConfig:
     batch_size: int = 64  # embedding batch
     progress: bool = True  # tqdm bars
     device: str = "auto"  # exact evaluator device ("auto": CUDA when torch sees it)
+    num_workers: int = -1  # image-loading worker processes: -1 auto (cores - 1, at most 8), 0 in-process
+    bad_images: str = "raise"  # unreadable image: "raise" | "skip" (grey placeholder view, counted in a warning)
 
     def validate(self) -> None:
+        if self.bad_images not in ("raise", "skip"):
+            raise ValueError(f"bad_images must be 'raise' or 'skip', got {self.bad_images!r}")
         if self.boxes not in ("gt", "predicted"):
             raise ValueError(f"boxes must be 'gt' or 'predicted', got {self.boxes!r}")
         if self.rerank_k < 1:
@@ -285,9 +289,11 @@ def run_variant(variant: Variant, model_name: str, bundle: embed.ModelBundle, da
                 official_dir: str | os.PathLike | None = None) -> VariantResult:
     """Embed, search and score one variant with one model (item level: + the official protocol)."""
     cfg.validate()
+    bundle.info["bad_images"] = cfg.bad_images  # what its image stores do with an unreadable file
     cache = Path(cache) if cache is not None else None
     tag = f"{model_name}-{fingerprint(bundle)}"
-    ecfg = embed.EmbedConfig(view="crop", batch_size=cfg.batch_size, progress=cfg.progress)
+    ecfg = embed.EmbedConfig(view="crop", batch_size=cfg.batch_size, progress=cfg.progress,
+                               num_workers=cfg.num_workers)
     if variant.level == "image":
         def emb(frame: pd.DataFrame, side: str) -> np.ndarray:
             keys = frame["key"].tolist()
@@ -300,7 +306,8 @@ def run_variant(variant: Variant, model_name: str, bundle: embed.ModelBundle, da
 
     queries, gallery = _item_view_frames(data, bundle, cfg, ecfg, cache, tag)
     view = "crop" if cfg.boxes == "gt" else "predcrop"
-    ecfg_v = embed.EmbedConfig(view="crop", fusion=variant.fusion, batch_size=cfg.batch_size, progress=cfg.progress)
+    ecfg_v = embed.EmbedConfig(view="crop", fusion=variant.fusion, batch_size=cfg.batch_size, progress=cfg.progress,
+                                 num_workers=cfg.num_workers)
 
     def emb(frame: pd.DataFrame, side: str) -> np.ndarray:
         keys = frame["key"].tolist()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -36,7 +37,12 @@ import torch
 import torch.nn.functional as F
 
 from capret_utils.data.boxes import CROP_CONTEXT
-from capret_utils.data.loader import ImageStore
+from capret_utils.data.loader import (
+    ImageStore,
+    ViewDataset,
+    build_loader,
+    collate_views,
+)
 from capret_utils.x2vlm import X2VLMImageProcessor, X2VLMModel, X2VLMTokenizer
 
 VIEWS = ("crop", "image", "predicted")
@@ -61,10 +67,12 @@ class ModelBundle:
     def image_res(self) -> int:
         return int(self.model.config.image_res)
 
-    def store(self, cache: bool = False) -> ImageStore:
-        """An :class:`ImageStore` with the shrink side used in training (same pixels as fine-tuning saw)."""
+    def store(self, cache: bool = False, bad_images: str | None = None) -> ImageStore:
+        """An :class:`ImageStore` with the shrink side used in training (same pixels as fine-tuning saw); ``cache``
+        keeps up to 512 MB of decoded views; ``bad_images`` ("raise" | "skip") defaults to ``info["bad_images"]``."""
         side = int(self.info.get("cache_side") or 2 * self.image_res)
-        return ImageStore(side, cache=cache)
+        return ImageStore(side, cache_mb=512.0 if cache else 0.0,
+                          on_error=bad_images or self.info.get("bad_images", "raise"))
 
 
 @dataclass
@@ -77,7 +85,8 @@ class EmbedConfig:
     alpha: float = 1.0  # late fusion text weight
     batch_size: int = 64  # images per forward pass
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    cache_images: bool = False  # keep decoded views in memory (repeated calls over the same items)
+    cache_images: bool = False  # keep decoded views in memory (repeated calls over the same items; num_workers 0)
+    num_workers: int = -1  # image-loading worker processes: -1 auto (cores - 1, at most 8), 0 in-process
     progress: bool = True  # tqdm bars
 
     def validate(self) -> None:
@@ -111,11 +120,6 @@ def _context(bundle: ModelBundle, config: EmbedConfig) -> float:
     return float(config.context if config.context is not None else bundle.info.get("context", CROP_CONTEXT))
 
 
-def _pixels(bundle: ModelBundle, images: Sequence[Any]) -> torch.Tensor:
-    arrays = [bundle.processor.process_one(im, train=False)[0] for im in images]
-    return torch.from_numpy(np.stack(arrays)).to(bundle.device)
-
-
 def _texts_for(items: pd.DataFrame, texts: Sequence[str] | None, what: str) -> list[str]:
     if texts is None:
         raise ValueError(f"{what} needs one text per item (captions or category names)")
@@ -139,6 +143,33 @@ def embed_texts(texts: Sequence[str], bundle: ModelBundle, config: EmbedConfig |
     return torch.cat(out).numpy() if out else np.zeros((0, dim), np.float32)
 
 
+def _loader_batches(items: pd.DataFrame, bundle: ModelBundle, config: EmbedConfig, store: ImageStore, view: str,
+                    context: float = 0.0, boxes: np.ndarray | None = None, desc: str = "embed",
+                    ) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(row slice, pixel values on the model's device)`` per batch, in row order, through the shared loader
+    (:func:`capret_utils.data.loader.build_loader`; in-process for a single batch). Unreadable images (store
+    ``on_error="skip"``) come as grey placeholders and are reported in one warning at the end."""
+    dataset = ViewDataset(items, store, bundle.processor, view, context, boxes)
+    workers = 0 if len(dataset) <= config.batch_size else config.num_workers
+    cuda = bundle.device.type == "cuda"
+    loader = build_loader(dataset, collate_views, workers, batch_size=config.batch_size, pin_memory=cuda,
+                          persistent=False)
+    skipped: list[dict[str, str]] = []
+    bar = _bar(len(dataset), desc, config.progress)
+    start = 0
+    for batch in loader:
+        n = len(batch["rows"])
+        skipped.extend(batch["skipped"])
+        yield slice(start, start + n), batch["pixel_values"].to(bundle.device, non_blocking=cuda)
+        start += n
+        bar.update(n)
+    bar.close()
+    if skipped:
+        warnings.warn(f"{desc}: {len(skipped)} unreadable image(s) embedded as grey placeholders (bad_images="
+                      f"'skip'; they stay in the evaluation): first {skipped[0]['path']} (item {skipped[0]['key']})",
+                      stacklevel=3)
+
+
 @torch.no_grad()
 def predict_boxes(items: pd.DataFrame, bundle: ModelBundle, texts: Sequence[str] | None = None,
                   config: EmbedConfig | None = None, store: ImageStore | None = None) -> np.ndarray:
@@ -149,45 +180,33 @@ def predict_boxes(items: pd.DataFrame, bundle: ModelBundle, texts: Sequence[str]
     config = config or EmbedConfig()
     texts = [str(c) for c in items["category_name"]] if texts is None else _texts_for(items, texts, "predict_boxes")
     store = store or bundle.store(config.cache_images)
-    model, rows, out = bundle.model.eval(), items.to_dict("records"), []
-    bar = _bar(len(rows), "predict boxes", config.progress)
-    for sl in _batches(len(rows), config.batch_size):
-        batch = rows[sl]
-        pv = _pixels(bundle, [store.image(r)[0] for r in batch])
+    model, out = bundle.model.eval(), []
+    for sl, pv in _loader_batches(items, bundle, config, store, "image", desc="predict boxes"):
         enc = bundle.tokenizer(texts[sl])
         ids, mask = enc["input_ids"].to(bundle.device), enc["attention_mask"].to(bundle.device)
         with autocast(bundle.device, config.bf16):
             image_embeds, _ = model.get_image_embeds(pv)
             fused = model.get_fusion_embeds(model.get_text_embeds(ids, mask), mask, image_embeds)
-            box = model.predict_bbox(fused).float().cpu().numpy()
-        for r, (cx, cy, w, h) in zip(batch, box):
-            W, H = float(r["width"]), float(r["height"])
-            out.append([(cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H])
-        bar.update(len(batch))
-    bar.close()
-    boxes = np.asarray(out, dtype=np.float32).reshape(-1, 4)
+            out.append(model.predict_bbox(fused).float().cpu())
+    rel = torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, 4), np.float32)
+    W, H = items["width"].to_numpy(np.float32), items["height"].to_numpy(np.float32)
+    cx, cy, w, h = (rel[:, i] for i in range(4))
+    boxes = np.stack([(cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H], axis=1)
+    boxes = boxes.astype(np.float32).reshape(-1, 4)
     # clamp into the image and keep at least one pixel
-    w_img, h_img = items["width"].to_numpy(np.float32), items["height"].to_numpy(np.float32)
-    boxes[:, 0] = np.clip(boxes[:, 0], 0, w_img - 1)
-    boxes[:, 1] = np.clip(boxes[:, 1], 0, h_img - 1)
-    boxes[:, 2] = np.clip(np.maximum(boxes[:, 2], boxes[:, 0] + 1), 1, w_img)
-    boxes[:, 3] = np.clip(np.maximum(boxes[:, 3], boxes[:, 1] + 1), 1, h_img)
+    boxes[:, 0] = np.clip(boxes[:, 0], 0, W - 1)
+    boxes[:, 1] = np.clip(boxes[:, 1], 0, H - 1)
+    boxes[:, 2] = np.clip(np.maximum(boxes[:, 2], boxes[:, 0] + 1), 1, W)
+    boxes[:, 3] = np.clip(np.maximum(boxes[:, 3], boxes[:, 1] + 1), 1, H)
     return boxes
 
 
-def _views(items: pd.DataFrame, bundle: ModelBundle, config: EmbedConfig, texts: Sequence[str] | None,
-           store: ImageStore) -> Callable[[int], Any]:
-    """A function row -> PIL view for the configured ``view``."""
-    context = _context(bundle, config)
-    rows = items.to_dict("records")
-    if config.view == "crop":
-        return lambda i: store.crop(rows[i], context)
-    if config.view == "image":
-        return lambda i: store.image(rows[i])[0]
-    boxes = predict_boxes(items, bundle, texts, config, store)
-    predicted = [{**r, "x1": float(b[0]), "y1": float(b[1]), "x2": float(b[2]), "y2": float(b[3])}
-                 for r, b in zip(rows, boxes)]
-    return lambda i: store.crop(predicted[i], context)
+def _view_batches(items: pd.DataFrame, bundle: ModelBundle, config: EmbedConfig, texts: Sequence[str] | None,
+                  store: ImageStore, desc: str) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Batches of the configured ``view`` (GT crop, whole photo, or the crop of the box head's box)."""
+    boxes = predict_boxes(items, bundle, texts, config, store) if config.view == "predicted" else None
+    view = "image" if config.view == "image" else "crop"
+    return _loader_batches(items, bundle, config, store, view, _context(bundle, config), boxes, desc)
 
 
 @torch.no_grad()
@@ -205,13 +224,10 @@ def embed_items(items: pd.DataFrame, bundle: ModelBundle, config: EmbedConfig | 
         texts = _texts_for(items, texts, f"fusion={config.fusion!r}")
     store = store or bundle.store(config.cache_images)
     model = bundle.model.eval()
-    view = _views(items, bundle, config, texts, store)
     keys = [str(k) for k in items["key"]]
     out = []
-    bar = _bar(len(keys), f"embed {config.view}" + (f"+{config.fusion}" if config.fusion != "none" else ""),
-               config.progress)
-    for sl in _batches(len(keys), config.batch_size):
-        pv = _pixels(bundle, [view(i) for i in range(sl.start, sl.stop)])
+    desc = f"embed {config.view}" + (f"+{config.fusion}" if config.fusion != "none" else "")
+    for sl, pv in _view_batches(items, bundle, config, texts, store, desc):
         with autocast(bundle.device, config.bf16):
             image_embeds, image_feat = model.get_image_embeds(pv)
             if config.fusion == "none":
@@ -226,8 +242,6 @@ def embed_items(items: pd.DataFrame, bundle: ModelBundle, config: EmbedConfig | 
                     fused = model.get_fusion_embeds(text_embeds, mask, image_embeds)
                     feat = model.text_proj(fused[:, 0, :])
         out.append(F.normalize(feat.float(), dim=-1).cpu())
-        bar.update(sl.stop - sl.start)
-    bar.close()
     dim = int(model.config.embed_dim)
     return keys, (torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, dim), np.float32))
 
@@ -240,15 +254,11 @@ def embed_images(images: pd.DataFrame, bundle: ModelBundle, config: EmbedConfig 
     config = config or EmbedConfig()
     store = store or bundle.store(config.cache_images)
     model = bundle.model.eval()
-    rows = [{"path": p, "key": k} for p, k in zip(images["path"], images["key"])]
     out = []
-    bar = _bar(len(rows), "embed images", config.progress)
-    for sl in _batches(len(rows), config.batch_size):
-        pv = _pixels(bundle, [store.image(r)[0] for r in rows[sl]])
+    table = pd.DataFrame({"key": [str(k) for k in images["key"]], "path": [str(p) for p in images["path"]]})
+    for _, pv in _loader_batches(table, bundle, config, store, "image", desc="embed images"):
         with autocast(bundle.device, config.bf16):
             out.append(model.get_image_embeds(pv)[1].float().cpu())
-        bar.update(sl.stop - sl.start)
-    bar.close()
     dim = int(model.config.embed_dim)
     return [str(k) for k in images["key"]], (torch.cat(out).numpy() if out else np.zeros((0, dim), np.float32))
 
@@ -267,12 +277,10 @@ class ITMReranker:
         self.config = config or EmbedConfig()
         self.query_texts = [str(t) for t in query_texts]
         store = bundle.store(self.config.cache_images)
-        view = _views(gallery, bundle, self.config, gallery_texts, store)
         model = bundle.model.eval()
         tokens = []
         with torch.no_grad():
-            for sl in _batches(len(gallery), self.config.batch_size):
-                pv = _pixels(bundle, [view(i) for i in range(sl.start, sl.stop)])
+            for _, pv in _view_batches(gallery, bundle, self.config, gallery_texts, store, "ITM gallery tokens"):
                 with autocast(bundle.device, self.config.bf16):
                     tokens.append(model.get_image_embeds(pv)[0].to(torch.float16).cpu())
         self.gallery_tokens = torch.cat(tokens) if tokens else torch.zeros(0)

@@ -91,15 +91,6 @@ from capret_utils.train.loop import (  # noqa: F401
     total_steps_for,
     train_step,
 )
-from capret_utils.train.plan import (  # noqa: F401
-    MemoryPlanError,
-    architecture,
-    check_fits,
-    measure_step,
-    plan_memory,
-    step_passes,
-    synthetic_batch,
-)
 from capret_utils.train.model import (  # noqa: F401
     TrainSetup,
     build_model,
@@ -108,4 +99,13 @@ from capret_utils.train.model import (  # noqa: F401
     model_config,
     prepare,
     tokenizer_corpus,
+)
+from capret_utils.train.plan import (  # noqa: F401
+    MemoryPlanError,
+    architecture,
+    check_fits,
+    measure_step,
+    plan_memory,
+    step_passes,
+    synthetic_batch,
 )

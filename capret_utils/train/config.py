@@ -48,7 +48,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 # fields that may change between a killed run and its resume without changing the trajectory
 _RESUME_FREE = ("resume", "num_workers", "eval_every", "ckpt_every", "keep_checkpoints", "progress", "device",
-                "eval_image_level", "threads", "gradient_checkpointing", "recipe")
+                "eval_image_level", "threads", "gradient_checkpointing", "recipe", "cache_mb", "bad_images",
+                "log_every", "eval_items")
 
 
 @dataclass
@@ -127,7 +128,15 @@ class TrainConfig:
         device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda[:i]".
         bf16: mixed precision on CUDA: bf16 autocast where the GPU supports it, else fp16 autocast with a
             gradient scaler (:mod:`capret_utils.train.precision`); False = float32. CPU always runs float32.
-        num_workers: DataLoader worker processes; 0 = load in the main process.
+        num_workers: image-loading worker processes (DataLoader) for training and evaluation; -1 = auto (all
+            cores but one, at most 8), 0 = load in the main process. Batches are identical for every value.
+        cache_mb: RAM budget of the decoded-view cache, MB, shared by the workers (least recently used views are
+            dropped); 0 = no cache. It helps when the views fit (the synthetic benchmark), not at DeepFashion2 size.
+        bad_images: an image that cannot be read: "raise" (stop with an error naming the file) or "skip" (the item
+            is left out of its batch and counted; in evaluation it gets a grey placeholder view).
+        log_every: optimizer steps between loss rows in the history (and the only host syncs of the loop).
+        eval_items: items of the select split evaluated during training (a fixed, seeded subset of whole pairs;
+            0 = all); the evaluation at the end always uses the whole split.
         threads: torch CPU threads; 0 = leave torch's default.
         deterministic: torch.use_deterministic_algorithms while training on CPU, so repeated runs at one thread
             count are bitwise identical (CUDA untouched).
@@ -187,7 +196,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     bf16: bool = True
-    num_workers: int = 0
+    num_workers: int = -1
+    cache_mb: float = 512.0
+    bad_images: str = "raise"
+    log_every: int = 10
+    eval_items: int = 5000
     threads: int = 0
     deterministic: bool = True
     eval_every: int = 0
@@ -249,6 +262,11 @@ class TrainConfig:
             raise ValueError(f"category_recolour counts crops of a batch (0 = off), got {self.category_recolour}")
         if not 0 <= self.erase_prob <= 1:
             raise ValueError(f"erase_prob must be in [0, 1], got {self.erase_prob}")
+        if self.bad_images not in ("raise", "skip"):
+            raise ValueError(f"bad_images must be raise | skip, got {self.bad_images!r}")
+        if self.num_workers < -1 or self.log_every < 1 or self.eval_items < 0 or self.cache_mb < 0:
+            raise ValueError("num_workers >= -1, log_every >= 1, eval_items >= 0 and cache_mb >= 0 are required (got "
+                             f"{self.num_workers}, {self.log_every}, {self.eval_items}, {self.cache_mb})")
         if self.lr <= 0 or self.lr_arcface <= 0:
             raise ValueError("learning rates must be > 0")
         self.weights().validate()
@@ -284,7 +302,7 @@ class TrainConfig:
                             box_per_batch=leading_rows(self.batch_size, self.box_fraction),
                             crop_scale=tuple(self.crop_scale), crop_ratio_relative=self.crop_ratio_relative,
                             erase_prob=self.erase_prob, identities_per_batch=self.batch_size // self.per_identity,
-                            per_identity=self.per_identity)
+                            per_identity=self.per_identity, cache_mb=self.cache_mb, bad_images=self.bad_images)
 
     def trajectory_digest(self, model_config: Any = None) -> str:
         """Hash of the fields that determine the training trajectory (checked on resume), and of the model's
@@ -305,7 +323,7 @@ def leading_rows(batch_size: int, fraction: float) -> int:
 def smoke_config(config: TrainConfig) -> TrainConfig:
     """Notebook 03's smoke mode: tiny preset, a few steps, CPU, no mid-run evaluation."""
     return replace(config, model="tiny", image_res=0, max_steps=min(config.max_steps or 3, 3), epochs=1,
-                   batch_size=8, per_identity=2, eval_every=0, ckpt_every=2, device="cpu", threads=1)
+                   batch_size=8, per_identity=2, eval_every=0, ckpt_every=2, device="cpu", threads=1, log_every=1)
 
 
 def config_fields() -> list[str]:

@@ -115,6 +115,7 @@ class Criterion(torch.nn.Module):
                               self.device, self.bf16, self.itm_fraction, self.category, self.category_recolour,
                               self.category_views, self.precision)
 
-    def total(self, terms: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
-        """The weighted sum of ``terms`` at optimizer step ``step`` (1-based; the NaN guard names it)."""
-        return L.total_loss(terms, self.weights, step)
+    def total(self, terms: Mapping[str, torch.Tensor], step: int, check: bool = True) -> torch.Tensor:
+        """The weighted sum of ``terms`` at optimizer step ``step`` (1-based; the NaN guard names it); ``check``
+        = raise on a non-finite term here (a host sync) rather than at the loop's log interval."""
+        return L.total_loss(terms, self.weights, step, check)

@@ -21,6 +21,7 @@ import torch
 
 from capret_utils.data import loader as D
 from capret_utils.data.df2 import CATEGORY_NAMES
+from capret_utils.data.splits import eval_subset
 from capret_utils.evaluation import embed as E
 from capret_utils.train import losses as L
 from capret_utils.train import precision as P
@@ -73,7 +74,8 @@ def evaluate(bundle: E.ModelBundle, items: pd.DataFrame, config: TrainConfig | N
 
     config = config or TrainConfig()
     view = "crop" if config.use_boxes else "image"
-    ecfg = E.EmbedConfig(view=view, context=config.context, batch_size=128, bf16=config.bf16, progress=progress)
+    ecfg = E.EmbedConfig(view=view, context=config.context, batch_size=128, bf16=config.bf16, progress=progress,
+                         num_workers=config.num_workers)
     store = store or bundle.store(cache=True)
     queries, gallery = metrics.item_sets(items)
     _, q = E.embed_items(queries, bundle, ecfg, store=store)
@@ -218,23 +220,23 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
 
 
 class EpochBatches:
-    """The training batches, epoch after epoch, from one DataLoader built once.
+    """The training batches, epoch after epoch, from one DataLoader built once
+    (:func:`capret_utils.data.loader.build_loader`: ``num_workers``, pinned memory on CUDA, persistent workers).
 
     Each epoch calls ``sampler.set_epoch`` and starts a new pass over the same loader (workers persist between
-    epochs when ``num_workers`` > 0); the loader's private generator is re-seeded per pass, so the worker seeds
-    drawn from it never shift the global RNG (augmentation is seeded per sample). ``next()`` returns the next
-    batch and advances the sampler's resumable position.
+    epochs); the loader's private generator is re-seeded per pass, so the worker seeds drawn from it never shift the
+    global RNG (augmentation is seeded per sample: batches are identical for every worker count). ``next()``
+    returns the next batch and advances the sampler's resumable position. Items left out of a batch for an
+    unreadable image (``bad_images="skip"``) are collected in :attr:`skipped`.
     """
 
     def __init__(self, setup: TrainSetup, collate: D.Collator, sampler: D.PKBatchSampler, config: TrainConfig,
                  pin_memory: bool = False) -> None:
-        workers = config.num_workers
-        self.loader = torch.utils.data.DataLoader(setup.dataset, batch_sampler=sampler, collate_fn=collate,
-                                                  num_workers=workers, pin_memory=pin_memory,
-                                                  persistent_workers=workers > 0,
-                                                  generator=torch.Generator().manual_seed(config.seed))
+        self.loader = D.build_loader(setup.dataset, collate, config.num_workers, batch_sampler=sampler,
+                                     pin_memory=pin_memory, seed=config.seed)
         self.sampler, self.seed = sampler, config.seed
         self.epoch = sampler.epoch
+        self.skipped: list[dict[str, str]] = []
         self._batches: Iterator[Any] | None = None
 
     def __next__(self) -> Any:
@@ -248,34 +250,55 @@ class EpochBatches:
                 batch = next(self._batches)
             except StopIteration:
                 self._batches, self.epoch = None, self.epoch + 1
-        self.sampler.advance()
+                continue
+            self.sampler.advance()
+            self.skipped.extend(batch.pop("skipped", []))
+            if batch.get("empty"):  # every item of the batch was unreadable (skip mode)
+                batch = None
         return batch
+
+    def close(self) -> None:
+        """Stop the loader's worker processes now (they also stop when the loader is garbage-collected)."""
+        it, self._batches = self._batches, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        workers = getattr(self.loader, "_iterator", None)
+        if workers is not None and hasattr(workers, "_shutdown_workers"):
+            workers._shutdown_workers()
 
 
 def train_step(net: torch.nn.Module, criterion: Criterion, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, batches: Iterator[Any], config: TrainConfig,
-               step: int, scaler: Any = None) -> tuple[float, dict[str, float]]:
+               step: int, scaler: Any = None, check: bool = True,
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """One optimizer step (``config.grad_accum`` micro-batches) at 0-based ``step``: forward, weighted loss,
-    backward, gradient clipping, optimizer and schedule step, temperature clamp. Returns the step's loss and its
-    unweighted terms as floats. ``scaler`` (fp16, :func:`~capret_utils.train.precision.grad_scaler`) scales the
-    loss, unscales before clipping and skips a step whose gradients overflowed (instead of the NaN guard)."""
+    backward, gradient clipping, optimizer and schedule step, temperature clamp.
+
+    Returns ``(loss, unweighted terms, gradient norm)`` as detached tensors on the model's device — nothing is
+    copied to the host, so a GPU step does not wait for the CPU. ``check`` = raise
+    :class:`~capret_utils.train.losses.NonFiniteLossError` here (a host sync); the training loop passes False and
+    checks the returned values at its log interval. ``scaler`` (fp16, :func:`~capret_utils.train.precision
+    .grad_scaler`) scales the loss, unscales before clipping and skips a step whose gradients overflowed."""
     optimizer.zero_grad(set_to_none=True)
-    sums: dict[str, float] = {}
-    loss_sum = 0.0
+    sums: dict[str, torch.Tensor] = {}
+    loss_sum: torch.Tensor | None = None
     for _ in range(config.grad_accum):
         batch = next(batches)
         terms = criterion(net, batch)
-        loss = criterion.total(terms, step + 1) / config.grad_accum
+        loss = criterion.total(terms, step + 1, check) / config.grad_accum
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        loss_sum += float(loss.detach())
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach()) / config.grad_accum
+            part = v.detach().float() / config.grad_accum
+            sums[k] = part if k not in sums else sums[k] + part
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if scaler is not None:
         scaler.unscale_(optimizer)
+    norm = None
     if config.clip_grad:
-        norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad)
-        if not torch.isfinite(norm) and scaler is None:
+        norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad).detach()
+        if check and scaler is None and not torch.isfinite(norm):
             raise L.NonFiniteLossError(step + 1, {"grad_norm": float(norm)})
     if scaler is not None:
         scaler.step(optimizer)  # skipped when the unscaled gradients hold inf / NaN
@@ -284,7 +307,40 @@ def train_step(net: torch.nn.Module, criterion: Criterion, optimizer: torch.opti
         optimizer.step()
     scheduler.step()
     net.clamp_temp_()
-    return loss_sum, sums
+    return loss_sum, sums, (norm if scaler is None else None)
+
+
+class StepLog:
+    """The loss rows of the steps since the last log, kept on the device and copied to the host in one transfer
+    (:meth:`flush`) at the log interval — the loop's only host syncs. :meth:`flush` also runs the NaN guard: the
+    first step with a non-finite term (or gradient norm) raises :class:`~capret_utils.train.losses
+    .NonFiniteLossError` naming it."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[int, float, float, float, torch.Tensor, list[str]]] = []
+
+    def add(self, step: int, epoch: float, lr: float, elapsed: float, loss: torch.Tensor,
+            terms: Mapping[str, torch.Tensor], norm: torch.Tensor | None, temp: torch.Tensor) -> None:
+        names = list(terms)
+        values = [loss.float(), *(terms[k].float() for k in names), temp.detach().float().reshape(()),
+                  norm.float() if norm is not None else torch.zeros((), device=loss.device)]
+        self._pending.append((step, epoch, lr, elapsed, torch.stack(values), names))
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def flush(self) -> list[dict[str, Any]]:
+        if not self._pending:
+            return []
+        host = torch.stack([p[4] for p in self._pending]).cpu().tolist()  # one device -> host copy
+        rows = []
+        for (step, epoch, lr, elapsed, _, names), values in zip(self._pending, host):
+            loss, terms, temp, norm = values[0], values[1:1 + len(names)], values[-2], values[-1]
+            named = dict(zip(names, terms))
+            L.check_finite({**named, "grad_norm": norm}, step)
+            rows.append(_log_row(step, epoch, named, loss, lr, temp, elapsed))
+        self._pending.clear()
+        return rows
 
 
 def _eval_during_training(net: X2VLMModel, setup: TrainSetup, val_items: pd.DataFrame, store: Any,
@@ -368,10 +424,13 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
         save_train_state(run_dir, at_step, train_module, arcface, optimizer, scheduler, sampler, generator, blob,
                          config.keep_checkpoints, category)
 
-    def run_eval(at_step: int) -> dict[str, Any] | None:
+    watch = eval_subset(val_items, config.eval_items, config.seed) if val_items is not None else None
+
+    def run_eval(at_step: int, final: bool = False) -> dict[str, Any] | None:
         if val_items is None:
             return None
-        res, row = _eval_during_training(net, setup, val_items, val_store, at_step)
+        items = val_items if final else watch  # during training: a fixed, seeded subset (eval_items)
+        res, row = _eval_during_training(net, setup, items, val_store, at_step)
         history.append(row)
         if callback:
             callback(row)
@@ -382,25 +441,40 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
     bar = tqdm(total=total, initial=step, desc=f"fine-tune ({mode})", disable=not config.progress, unit="step")
     done_here = 0
     last_eval: dict[str, Any] | None = None
-    while step < total and (stop_after is None or done_here < stop_after):
-        t0 = time.perf_counter()
-        loss_sum, sums = train_step(net, criterion, optimizer, scheduler, batches, config, step, scaler)
-        step += 1
-        done_here += 1
-        train_seconds += time.perf_counter() - t0
-        epoch = round(step * config.grad_accum / per_epoch, 4)  # epochs over the items done (as ``epochs``)
-        row = _log_row(step, epoch, sums, loss_sum, optimizer.param_groups[0]["lr"], net.temp.item(),
-                       train_seconds)
-        history.append(row)
+    log = StepLog()
+
+    def flush() -> None:  # the loop's host sync: loss rows of the last steps, NaN guard, progress bar
+        rows = log.flush()
+        history.extend(rows)
         if callback:
-            callback(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", epoch=f"{epoch:.2f}")
-        if config.eval_every and step % config.eval_every == 0 and step < total:
-            last_eval = run_eval(step)
-        if step % config.ckpt_every == 0 or step == total:
-            save(step)
-            write_history(run_dir, history)
+            for r in rows:
+                callback(r)
+        if rows:
+            bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", epoch=f"{rows[-1]['epoch']:.2f}")
+
+    try:
+        while step < total and (stop_after is None or done_here < stop_after):
+            t0 = time.perf_counter()
+            loss_sum, sums, norm = train_step(net, criterion, optimizer, scheduler, batches, config, step, scaler,
+                                              check=False)
+            step += 1
+            done_here += 1
+            train_seconds += time.perf_counter() - t0
+            epoch = round(step * config.grad_accum / per_epoch, 4)  # epochs over the items done (as ``epochs``)
+            log.add(step, epoch, optimizer.param_groups[0]["lr"], train_seconds, loss_sum, sums, norm, net.temp)
+            bar.update(1)
+            evaluate_now = bool(config.eval_every and step % config.eval_every == 0 and step < total)
+            save_now = step % config.ckpt_every == 0 or step == total
+            if step % config.log_every == 0 or evaluate_now or save_now:
+                flush()
+            if evaluate_now:
+                last_eval = run_eval(step)
+            if save_now:
+                save(step)
+                write_history(run_dir, history)
+        flush()
+    finally:
+        batches.close()
     bar.close()
     if stop_after is not None and step < total:
         write_history(run_dir, history)
@@ -409,7 +483,7 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
     # final evaluation (skipped when a finished run is re-entered and its last row already is the final eval)
     final_eval = next((r for r in reversed(history) if r.get("kind") == "eval" and r["step"] == total), None)
     if final_eval is None:
-        last_eval = run_eval(total)
+        last_eval = run_eval(total, final=True)
         save(total)
     else:
         last_eval = {k: v for k, v in final_eval.items() if k not in ("kind", "step")}
@@ -425,7 +499,12 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
             "steps": step, "total_steps": total, "train_seconds": round(train_seconds, 2),
             "trainable_parameters": counts, "metrics": last_eval, "arcface_margin_rad": config.margin,
             "arcface_margin_deg": math.degrees(config.margin), "category_margin_rad": config.category_margin,
-            "resumed_from": resumed_from, "precision": precision}
+            "resumed_from": resumed_from, "precision": precision,
+            "skipped_images": {"count": len(batches.skipped), "items": batches.skipped[:100]}}
+    if batches.skipped:
+        warnings.warn(f"fine-tuning left {len(batches.skipped)} sample(s) out for unreadable images "
+                      f"(bad_images='skip'); first: {batches.skipped[0]['path']} (item {batches.skipped[0]['key']})",
+                      stacklevel=2)
     final_bundle.info.update({k: v for k, v in info.items() if k in ("config", "finetune_mode", "identity_classes")})
     ckpt = save_finetuned(final_bundle, run_dir / CHECKPOINT_DIR, arcface, info, category)
     return FinetuneResult(final_bundle, pd.json_normalize(history), last_eval or {}, ckpt, step, train_seconds,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -252,13 +253,22 @@ class NonFiniteLossError(FloatingPointError):
                          f"check the inputs of these terms, or disable bf16 autocast)")
 
 
-def total_loss(terms: dict[str, torch.Tensor], weights: LossWeights, step: int = -1) -> torch.Tensor:
-    """Σ weight × term over the computed terms (keys ``itc``, ``itm``, ``box_l1``, ``box_giou``, ``arcface``,
-    ``arcface_fused``, ``category``; both box parts use ``weights.box``). Raises :class:`NonFiniteLossError`
-    naming every non-finite term."""
-    bad = {k: float(v.detach()) for k, v in terms.items() if not bool(torch.isfinite(v.detach()).all())}
+def check_finite(terms: Mapping[str, Any], step: int) -> None:
+    """Raise :class:`NonFiniteLossError` naming every NaN / inf term (tensors or floats) at ``step``."""
+    bad = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()
+           if not (bool(torch.isfinite(v.detach()).all()) if torch.is_tensor(v) else math.isfinite(v))}
     if bad:
         raise NonFiniteLossError(step, bad)
+
+
+def total_loss(terms: dict[str, torch.Tensor], weights: LossWeights, step: int = -1, check: bool = True,
+               ) -> torch.Tensor:
+    """Σ weight × term over the computed terms (keys ``itc``, ``itm``, ``box_l1``, ``box_giou``, ``arcface``,
+    ``arcface_fused``, ``category``; both box parts use ``weights.box``). With ``check`` raises
+    :class:`NonFiniteLossError` naming every non-finite term (a host sync; the training loop checks the terms at its
+    log interval instead)."""
+    if check:
+        check_finite(terms, step)
     total = None
     for name, value in terms.items():
         w = getattr(weights, "box" if name.startswith("box_") else name)

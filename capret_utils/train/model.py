@@ -131,7 +131,7 @@ class TrainSetup:
 
 
 def prepare(config: TrainConfig, train_items: pd.DataFrame, captions: Mapping[str, str] | None = None,
-            warm_cache: bool = True) -> TrainSetup:
+            ) -> TrainSetup:
     """Build the (seeded) initial model, tokenizer, processor, texts, identity classes and the dataset.
 
     Identity classes are the ``(pair_id, style > 0)`` pairs of the training items; style-0 items have no
@@ -148,16 +148,13 @@ def prepare(config: TrainConfig, train_items: pd.DataFrame, captions: Mapping[st
     processor = D.build_processor(dcfg)
     classes = D.identity_classes(train_items)
     labels = D.identity_labels(train_items, classes)
-    store = D.ImageStore(dcfg.store_side, dcfg.cache)
+    store = D.ImageStore(dcfg.store_side, dcfg.cache_mb, dcfg.draft, dcfg.bad_images)
     dataset = D.ItemDataset(train_items, texts, labels, dcfg, store=store, processor=processor,
                             text_group=D.text_ids(texts, tokenizer))
-    if warm_cache and dcfg.cache:
-        store.warm(train_items[labels >= 0], dcfg.view, dcfg.context, whole_images=dcfg.box_task,
-                   progress=config.progress, desc="decode train")
     device = resolve_device(config.device)
     model.to(device)
     info = {"context": config.context, "cache_side": dcfg.store_side, "use_captions": config.use_captions,
-            "view": dcfg.view, "image_res": image_res}
+            "view": dcfg.view, "image_res": image_res, "bad_images": config.bad_images}
     bundle = E.ModelBundle(model=model, tokenizer=tokenizer, processor=X2VLMImageProcessor(
         ImageSettings(image_res=image_res)), info=info)
     return TrainSetup(config, bundle, train_items.reset_index(drop=True), texts, classes, labels, dataset, dcfg,

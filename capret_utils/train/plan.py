@@ -60,7 +60,10 @@ def architecture(config: TrainConfig) -> X2VLMConfig:
     if path.is_dir() and (path / "config.json").is_file():
         return X2VLMConfig.from_pretrained(path)
     if path.is_file():
-        from capret_utils.x2vlm.convert import config_from_official, read_official_checkpoint
+        from capret_utils.x2vlm.convert import (
+            config_from_official,
+            read_official_checkpoint,
+        )
 
         state, ckpt_config, source = read_official_checkpoint(path)
         return config_from_official(state, ckpt_config, image_res=config.image_res or 384, source=source,
