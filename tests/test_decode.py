@@ -23,7 +23,11 @@ from capret_utils.data import decode as DEC
 from capret_utils.data import df2
 from capret_utils.data import index as IDX
 from capret_utils.data import loader as D
-from capret_utils.x2vlm import BERT_SPECIAL_IDS, build_wordpiece_tokenizer, fashion_caption_corpus
+from capret_utils.x2vlm import (
+    BERT_SPECIAL_IDS,
+    build_wordpiece_tokenizer,
+    fashion_caption_corpus,
+)
 
 
 @pytest.fixture(scope="module")
