@@ -210,3 +210,111 @@ def test_save_and_load_through_from_pretrained(vqa, tmp_path):
     assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1])
     dec = back.text_decoder
     assert dec.cls.predictions.decoder.weight is dec.bert.embeddings.word_embeddings.weight
+
+
+# ------------------------------------------------------------------------------------ the pixel answerer
+
+
+@pytest.fixture(scope="module")
+def pixel_folder(smoke_root, tmp_path_factory):
+    from capret_utils.captions.pixel import PixelVQAConfig, load_or_train
+
+    cache = tmp_path_factory.mktemp("pixel-vqa")
+    return load_or_train(smoke_root, cache, PixelVQAConfig(steps=2, batch_size=4, k_test=8), progress=False)
+
+
+def test_triples_come_from_the_train_split_with_the_scripted_questions(smoke_root):
+    from capret_utils.captions import load_attributes
+    from capret_utils.captions.pixel import dialogue_questions, train_pixel_vqa, vqa_triples
+    from capret_utils.data import df2
+
+    items = df2.load_items(smoke_root / "train")
+    attrs = load_attributes(smoke_root / "train")
+    triples, answers = vqa_triples(items, attrs)
+    assert len(triples) == len(items) * len(dialogue_questions())
+    assert answers == sorted(set(triples["answer"]))
+    colour = triples[triples["topic"] == "colour"].set_index("key")["answer"]
+    assert all(colour[k] == attrs[k]["colour"] for k in colour.index)
+    val = df2.load_items(smoke_root / "validation")
+    with pytest.raises(ValueError, match="train split only"):
+        train_pixel_vqa(val, load_attributes(smoke_root / "validation"))
+
+
+def test_pixel_answerer_is_cached_and_answers_from_its_list(smoke_root, pixel_folder):
+    from capret_utils.captions.pixel import PixelAnswerer, PixelVQAConfig, load_or_train
+    from capret_utils.captions.views import load_views
+    from capret_utils.data import df2
+
+    record = pixel_folder / "training.json"
+    stamp = record.stat().st_mtime_ns
+    again = load_or_train(smoke_root, pixel_folder.parent, PixelVQAConfig(steps=2, batch_size=4, k_test=8))
+    assert again == pixel_folder and record.stat().st_mtime_ns == stamp  # re-used, not retrained
+    answerer = PixelAnswerer(pixel_folder)
+    rows = df2.load_items(smoke_root / "test").head(3).to_dict("records")
+    views = load_views(rows, "crop")
+    answers = answerer.answer(views, ["What is the main colour of the garment?"] * 3)
+    assert len(answers) == 3 and all(a in answerer.answer_list for a in answers)
+
+
+def test_pixel_answerer_bad_input_is_a_clear_error(smoke_root, pixel_folder):
+    from capret_utils.captions.pixel import PixelAnswerer
+    from capret_utils.captions.views import ItemView, load_views
+    from capret_utils.data import df2
+
+    answerer = PixelAnswerer(pixel_folder)
+    row = df2.load_items(smoke_root / "test").iloc[0].to_dict()
+    view = load_views([row], "crop")[0]
+    with pytest.raises(ValueError, match=f"item {row['key']}: empty question"):
+        answerer.answer([view], ["  "])
+    with pytest.raises(ValueError, match=f"item {row['key']}: no crop"):
+        answerer.answer([ItemView(row["key"], row, None)], ["What colour is it?"])
+    with pytest.raises(FileNotFoundError, match="field 'path'"):
+        load_views([{**row, "path": str(smoke_root / "nope.jpg")}], "crop")
+
+
+def test_answer_accuracy_counts_per_topic_and_skips_explicitly(smoke_root):
+    from capret_utils.captions import AttributeAnswerer, answer_accuracy, load_attributes
+    from capret_utils.data import df2
+
+    items = df2.load_items(smoke_root / "test").head(6)
+    attrs = load_attributes(smoke_root / "test")
+    perfect = answer_accuracy(AttributeAnswerer(attrs), items, attrs)
+    assert (perfect.by_topic["accuracy"] == 1.0).all()
+    assert perfect.skipped["skipped_unknown_truth"] == len(items)  # material: no ground truth, counted
+
+    class Constant:
+        needs_images = False
+        answer_list = ["red", "skirt"]
+
+        def answer(self, views, questions, histories):
+            return ["red"] * len(views)
+
+    q = answer_accuracy(Constant(), items, {k: v for k, v in attrs.items() if k != items.iloc[0]["key"]})
+    assert q.skipped["skipped_no_attributes"] == 1
+    colour = q.table[q.table["topic"] == "colour"]
+    assert q.accuracy()["colour"] == pytest.approx((colour["truth"] == "red").mean())
+    assert q.by_topic.loc["colour", "truth_outside_list"] == int((colour["truth"] != "red").sum())
+    assert q.confusion("colour").to_numpy().sum() == len(colour)
+
+
+def test_caption_setup_pixel_answerer_labels_captions_pixel(smoke_root, tmp_path):
+    from capret_utils.captions import (
+        CaptionSetup,
+        CaptionStore,
+        build_captioner,
+        dialogue_source,
+        load_split_items,
+        run_captioning,
+    )
+
+    assert CaptionSetup(captioner="dialogue", vqa="x2vlm-demo", smoke=True).effective().vqa_steps == 3
+    setup = CaptionSetup(captioner="dialogue", vqa="x2vlm-demo", vqa_steps=2, data_root=str(smoke_root), rounds=3,
+                         device="cpu")
+    cap = build_captioner(setup, {}, model_dir=tmp_path / "models")
+    assert cap.answerer.name == "x2vlm-vqa:x2vlm-demo"
+    items = load_split_items(smoke_root, "validation").head(4)
+    store = CaptionStore(tmp_path / "captions.jsonl")
+    run_captioning(items, store, cap, batch_size=4, progress=False)
+    records = store.read()
+    assert len(records) == 4 and all(len(d) == 3 for d in records["dialogue"])
+    assert dialogue_source(str(tmp_path)) == "pixel"

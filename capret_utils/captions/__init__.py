@@ -28,9 +28,15 @@ neither.
 
 Submodules: ``template``, ``dialogue`` (protocols, scripted questioner, attribute answerer, captioners),
 ``views``, ``hf`` (loading, 4-bit), ``tiny`` (tiny random models for tests and smoke runs), ``llm`` (LLM questioner), ``vqa`` (VQA answerer), ``store``, ``runner``
-(run_captioning, notebook 02 setup, reports). Their public names are re-exported here.
+(run_captioning, notebook 02 setup, reports), ``pixel`` (the pixel answerer: X2-VLM VQA trained on the train split),
+``answer_quality`` (answers vs ground truth per topic). Their public names are re-exported here.
 """
 
+from capret_utils.captions.answer_quality import (  # noqa: F401
+    AnswerQuality,
+    answer_accuracy,
+    evaluate_answerer,
+)
 from capret_utils.captions.dialogue import (  # noqa: F401
     ANSWER_INSTRUCTION,
     ATTRIBUTES_FILE,
@@ -66,6 +72,13 @@ from capret_utils.captions.llm import (  # noqa: F401
     DEFAULT_LLM,
     ChatLLMQuestioner,
     LLMConfig,
+)
+from capret_utils.captions.pixel import (  # noqa: F401
+    PIXEL_VQA,
+    PixelAnswerer,
+    PixelVQAConfig,
+    load_or_train,
+    vqa_triples,
 )
 from capret_utils.captions.runner import (  # noqa: F401
     SPLITS,

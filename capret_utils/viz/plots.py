@@ -394,6 +394,25 @@ def answer_filter_figure(records: pd.DataFrame) -> Figure:
     return fig
 
 
+def answer_confusion_figure(confusion: pd.DataFrame, title: str = "Colour answers vs ground truth") -> Figure:
+    """Row-normalised confusion heatmap of a topic's answers (rows = truth, columns = answer; cell text = count),
+    e.g. ``AnswerQuality.confusion("colour")`` from notebook 02."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    n_cols, n_rows = max(confusion.shape[1], 1), max(confusion.shape[0], 1)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * n_cols, 1.2 + 0.4 * n_rows))
+    if confusion.size:
+        share = confusion.div(confusion.sum(axis=1).replace(0, 1), axis=0)
+        sns.heatmap(share, annot=confusion.to_numpy(), fmt="d", cmap="Blues", vmin=0, vmax=1, cbar=False, ax=ax,
+                    annot_kws={"fontsize": 7})
+    else:
+        ax.text(0.5, 0.5, "no answers", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(f"{title} (row share; numbers = counts)")
+    fig.tight_layout()
+    return fig
+
+
 # --------------------------------------------------------------------------------------------- retrieval (04)
 
 

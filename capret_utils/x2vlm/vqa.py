@@ -187,8 +187,10 @@ class X2VLMForVQA(X2VLMModel):
         first = self.first_token_probs(question_states, question_atts, answer_ids)
         topk_probs, topk_ids = first.topk(k, dim=1)
         flat = topk_ids.reshape(-1)
+        ids, atts = answer_ids.index_select(0, flat), answer_atts.index_select(0, flat)
+        width = int(atts.sum(1).max())  # columns that are padding for every shortlisted answer change nothing
         nll = self.answer_nll(question_states.repeat_interleave(k, 0), question_atts.repeat_interleave(k, 0),
-                              answer_ids.index_select(0, flat), answer_atts.index_select(0, flat))
+                              ids[:, :width], atts[:, :width])
         scores = (topk_probs.reshape(-1).log() - nll).view(-1, k)
         probs, rerank = F.softmax(scores, dim=-1).topk(k, dim=1)
         return torch.gather(topk_ids, 1, rerank), probs

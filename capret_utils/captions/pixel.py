@@ -1,0 +1,297 @@
+"""The pixel answerer: an X2-VLM VQA model trained on the train split's (crop, question, answer) triples.
+
+On the synthetic benchmark the ground-truth answerer (:class:`~capret_utils.captions.dialogue.AttributeAnswerer`)
+is an oracle: the query photo does not give it its answers. This module owns the honest alternative
+(``vqa="x2vlm-demo"`` in :class:`~capret_utils.captions.runner.CaptionSetup`):
+
+* :func:`vqa_triples` — every **train** item × every question the scripted questioner asks (the fixed first
+  question + :data:`~capret_utils.captions.dialogue.DEFAULT_QUESTIONS`), answered from the ground truth; the
+  candidate answer list is the set of those answers (train only, sorted);
+* :func:`train_pixel_vqa` — the demo X2-VLM (``PRESETS["demo"]``: random weights, as notebook 03's demo starts;
+  there are no hub weights offline and 02 runs before 03 trains a retrieval checkpoint) turned into an
+  :class:`~capret_utils.x2vlm.vqa.X2VLMForVQA` by the official initialisation (decoder from the fusion layers),
+  then fine-tuned end to end (the encoder is random, so it must learn to see) with the official loss on item
+  crops (GT box + :data:`~capret_utils.data.boxes.CROP_CONTEXT`, square-resized, random horizontal flip);
+  cached in ``<cache_dir>/x2vlm-vqa-<hash>/`` (model, tokenizer, answer list, training record) and re-used;
+* :class:`PixelAnswerer` — the :class:`~capret_utils.captions.dialogue.Answerer`: ``rank_answer`` over the
+  answer list for each (crop, question); it sees only pixels and the question (dialogue records name it
+  ``x2vlm-vqa:...``, so :func:`~capret_utils.captions.store.dialogue_source` labels its captions ``pixel``).
+
+Bad input: an empty question or a view without an image raises ``ValueError`` naming the item; a training
+answer outside the candidate list raises naming the item and the question.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from capret_utils.captions.dialogue import (
+    DEFAULT_QUESTIONS,
+    FIRST_QUESTION,
+    AttributeAnswerer,
+    GenerationStats,
+    Turn,
+)
+from capret_utils.captions.views import ItemView, load_views
+from capret_utils.data.boxes import CROP_CONTEXT
+
+PIXEL_VQA = {"x2vlm-demo": "demo"}
+"""``vqa`` names that train a pixel answerer on the train split -> the X2-VLM preset it starts from."""
+MODEL_DIR, ANSWERS_FILE, RECORD_FILE = "model", "answer_list.json", "training.json"
+
+
+@dataclass
+class PixelVQAConfig:
+    """How the pixel answerer is trained (defaults: about 2-3 minutes on 2 CPU cores for the demo benchmark)."""
+
+    preset: str = "demo"  # X2-VLM architecture (capret_utils.x2vlm.PRESETS), random weights seeded by `seed`
+    steps: int = 500  # optimiser steps
+    batch_size: int = 32  # crops per step
+    questions_per_crop: int = 4  # questions drawn (without replacement) per crop and step, of the 12 asked
+    lr: float = 1e-3  # AdamW peak learning rate, linear warm-up over the first 5 % of steps, then linear decay
+    weight_decay: float = 0.01  # AdamW weight decay
+    seed: int = 0  # weights, crop sampling and flips
+    threads: int = 2  # torch intra-op threads while training (CPU)
+    context: float = CROP_CONTEXT  # context around the item box, fraction of box width / height per side
+    k_test: int = 128  # rank_answer: candidates kept by first-token probability (official k_test)
+    vocab_size: int = 512  # WordPiece vocabulary trained on the questions, answers and the fashion corpus
+    answer_batch: int = 64  # crops per rank_answer call when answering
+
+
+def dialogue_questions() -> list[str]:
+    """Every question the scripted questioner asks: the fixed first one, then its list."""
+    return [FIRST_QUESTION] + [q.text for q in DEFAULT_QUESTIONS]
+
+
+def vqa_triples(items: pd.DataFrame, attributes: Mapping[str, Mapping[str, Any]],
+                questions: Sequence[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """``(triples, answer_list)``: one row per (item, question) with the ground-truth ``answer`` and its
+    ``topic`` (from :func:`~capret_utils.captions.dialogue.question_topic`); the answer list is the sorted set of
+    the answers. Call it on the **train** split only: the answer list is the model's closed vocabulary."""
+    from capret_utils.captions.dialogue import question_topic
+
+    questions = list(questions or dialogue_questions())
+    oracle = AttributeAnswerer(attributes)
+    rows = []
+    for row in items.to_dict("records"):
+        for q in questions:
+            rows.append({"key": str(row["key"]), "question": q, "topic": question_topic(q) or "other",
+                         "answer": oracle.answer_one(row, q)})
+    triples = pd.DataFrame(rows, columns=["key", "question", "topic", "answer"])
+    return triples, sorted(set(triples["answer"]))
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _train_fingerprint(train_dir: Path) -> str:
+    """Content hash of what training reads besides the images: the split's annotations + attributes listing."""
+    h = hashlib.sha256()
+    attrs = train_dir / "attributes.jsonl"
+    if attrs.is_file():
+        h.update(attrs.read_bytes())
+    annos = sorted((train_dir / "annos").glob("*.json")) if (train_dir / "annos").is_dir() else []
+    h.update(str(len(annos)).encode())
+    for p in annos[:: max(1, len(annos) // 64)]:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _crop_tensor(rows: Sequence[Mapping[str, Any]], processor: Any, context: float):
+    import torch
+
+    views = load_views(rows, "crop", context, with_images=True)
+    res = processor.settings.image_res
+    return torch.stack([torch.from_numpy(processor.to_array(v.image.resize((res, res), resample=3)))
+                        for v in views])
+
+
+def build_vqa_tokenizer(questions: Sequence[str], answers: Sequence[str], vocab_size: int):
+    """The offline WordPiece vocabulary (compact special ids, as the demo preset) over the fashion caption
+    corpus, the category names, the questions and the answers."""
+    from capret_utils.data.df2 import CATEGORY_NAMES
+    from capret_utils.x2vlm import COMPACT_SPECIAL_IDS, build_wordpiece_tokenizer, fashion_caption_corpus
+
+    corpus = fashion_caption_corpus() + list(CATEGORY_NAMES.values()) + list(questions) + list(answers)
+    return build_wordpiece_tokenizer(corpus, vocab_size, special_ids=COMPACT_SPECIAL_IDS)
+
+
+def train_pixel_vqa(train_items: pd.DataFrame, attributes: Mapping[str, Mapping[str, Any]],
+                    config: PixelVQAConfig | None = None, progress: bool = True) -> tuple[Any, Any, list[str], dict]:
+    """Train an :class:`~capret_utils.x2vlm.vqa.X2VLMForVQA` on the train items' triples; returns
+    ``(model, tokenizer, answer_list, record)`` (record: seconds, steps, final loss, sizes)."""
+    import torch
+
+    from capret_utils.x2vlm import X2VLMConfig, X2VLMImageProcessor, X2VLMModel, check_tokenizer
+    from capret_utils.x2vlm.vqa import X2VLMForVQA
+
+    cfg = config or PixelVQAConfig()
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise ValueError(f"PixelVQAConfig: steps and batch_size must be >= 1, got {cfg.steps}, {cfg.batch_size}")
+    bad = sorted(set(train_items["split"].astype(str)) - {"train"}) if "split" in train_items else []
+    if bad:
+        raise ValueError(f"train_pixel_vqa trains on the train split only; items table has splits {bad}")
+    started = time.perf_counter()
+    questions = dialogue_questions()
+    triples, answer_list = vqa_triples(train_items, attributes, questions)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        torch.manual_seed(cfg.seed)
+        tokenizer = build_vqa_tokenizer(questions, answer_list, cfg.vocab_size)
+        base = X2VLMModel(X2VLMConfig.preset(cfg.preset))
+        check_tokenizer(base.config, tokenizer)
+        model, _ = X2VLMForVQA.from_x2vlm(base, k_test=cfg.k_test)
+        processor = X2VLMImageProcessor.for_config(model.config)
+        rows = train_items.to_dict("records")
+        pixels = _crop_tensor(rows, processor, cfg.context).to(torch.float16)
+        load_s = time.perf_counter() - started
+        q = tokenizer(questions)
+        answer_index = {a: i for i, a in enumerate(answer_list)}
+        a = tokenizer(answer_list)
+        n_q = len(questions)
+        # target answer id of (item i, question j)
+        target = torch.tensor(triples["answer"].map(answer_index).to_numpy(), dtype=torch.long).view(len(rows), n_q)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warm = max(1, cfg.steps // 20)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min((s + 1) / warm, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warm))))
+        gen = torch.Generator().manual_seed(cfg.seed)
+        model.train()
+        losses = []
+        from tqdm.auto import tqdm
+
+        for step in tqdm(range(cfg.steps), disable=not progress, desc="pixel VQA training"):
+            idx = torch.randint(len(rows), (min(cfg.batch_size, len(rows)),), generator=gen)
+            x = pixels[idx].float()
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            x[flip] = x[flip].flip(-1)
+            image_embeds, _ = model.get_image_embeds(x)
+            text = model.get_text_embeds(q["input_ids"], q["attention_mask"])
+            b, per = len(idx), min(cfg.questions_per_crop, n_q)
+            qs = torch.rand(b, n_q, generator=gen).argsort(1)[:, :per]  # a random subset of questions per crop
+            states = model.get_fusion_embeds(text[qs.reshape(-1)], q["attention_mask"][qs.reshape(-1)],
+                                             image_embeds.repeat_interleave(per, 0))
+            ans = target[idx.unsqueeze(1), qs].reshape(-1)
+            ids, atts = a["input_ids"][ans], a["attention_mask"][ans]
+            width = int(atts.sum(1).max())  # drop the columns that are padding for every answer of the batch
+            nll = model.answer_nll(states, q["attention_mask"][qs.reshape(-1)], ids[:, :width], atts[:, :width])
+            loss = nll.sum() / (b * per)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    record = {"seconds": time.perf_counter() - started, "load_seconds": load_s, "steps": cfg.steps,
+              "final_loss": float(np.mean(losses[-20:])), "first_loss": losses[0], "train_items": len(rows),
+              "triples": len(triples), "answers": len(answer_list), "questions": questions,
+              "config": asdict(cfg), "init": f"random {cfg.preset} preset (seed {cfg.seed}), official VQA "
+                                               f"decoder initialisation from its fusion layers"}
+    return model, tokenizer, answer_list, record
+
+
+def load_or_train(root: str | os.PathLike, cache_dir: str | os.PathLike, config: PixelVQAConfig | None = None,
+                  progress: bool = True) -> Path:
+    """The cached pixel answerer for ``root``'s train split (trained on a cache miss); returns its folder."""
+    from capret_utils.captions.dialogue import load_attributes
+    from capret_utils.data import df2
+    from capret_utils.runs import paths
+
+    cfg = config or PixelVQAConfig()
+    train_dir = paths.split_dir(root, "train")
+    folder = Path(cache_dir) / f"x2vlm-vqa-{_hash(asdict(cfg), _train_fingerprint(train_dir), 1)}"
+    if (folder / RECORD_FILE).is_file():
+        return folder
+    attributes = load_attributes(train_dir)
+    if not attributes:
+        raise ValueError(f"{train_dir / 'attributes.jsonl'} is missing: the pixel answerer learns colour and "
+                         f"pattern answers from it (synthetic benchmark only); on real data use a VQA model id")
+    items = df2.load_items(train_dir)
+    model, tokenizer, answers, record = train_pixel_vqa(items, attributes, cfg, progress=progress)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp / MODEL_DIR)
+    tokenizer.save_pretrained(tmp / MODEL_DIR)
+    (tmp / ANSWERS_FILE).write_text(json.dumps(answers, indent=1))
+    (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1))
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+class PixelAnswerer:
+    """Answers each (crop, question) with ``rank_answer`` over a fixed answer list (the Answerer protocol)."""
+
+    needs_images = True
+
+    def __init__(self, folder: str | os.PathLike, device: str = "cpu", context: float = CROP_CONTEXT,
+                 batch: int = 64, name: str | None = None) -> None:
+        from capret_utils.x2vlm import X2VLMImageProcessor, X2VLMTokenizer
+        from capret_utils.x2vlm.vqa import X2VLMForVQA
+
+        folder = Path(folder)
+        self.model = X2VLMForVQA.from_pretrained(folder / MODEL_DIR).to(device).eval()
+        self.tokenizer = X2VLMTokenizer.from_pretrained(folder / MODEL_DIR)
+        self.answer_list = json.loads((folder / ANSWERS_FILE).read_text())
+        if not self.answer_list or not all(isinstance(a, str) and a for a in self.answer_list):
+            raise ValueError(f"{folder / ANSWERS_FILE}: expected a non-empty list of non-empty answer strings")
+        self.record = json.loads((folder / RECORD_FILE).read_text()) if (folder / RECORD_FILE).is_file() else {}
+        self.processor = X2VLMImageProcessor.for_config(self.model.config)
+        self.device, self.context, self.batch = device, context, batch
+        self.name = name or f"x2vlm-vqa:{folder.name}"
+        enc = self.tokenizer(self.answer_list)
+        self._answers = (enc["input_ids"].to(device), enc["attention_mask"].to(device))
+        self.stats = GenerationStats()
+
+    def _pixels(self, images: Sequence[Any]):
+        import torch
+
+        res = self.processor.settings.image_res
+        return torch.stack([torch.from_numpy(self.processor.to_array(im.resize((res, res), resample=3)))
+                            for im in images]).to(self.device)
+
+    def rank(self, images: Sequence[Any], questions: Sequence[str], keys: Sequence[str] | None = None):
+        """``(top answer ids, their probabilities)`` for each (image, question) pair."""
+        import torch
+
+        keys = list(keys or [f"#{i}" for i in range(len(images))])
+        for key, image, q in zip(keys, images, questions, strict=True):
+            if image is None:
+                raise ValueError(f"item {key}: no crop to answer from (the pixel answerer needs item images; "
+                                 f"build views with load_views(with_images=True))")
+            if not isinstance(q, str) or not q.strip():
+                raise ValueError(f"item {key}: empty question; the pixel answerer needs a question")
+        ids, probs = [], []
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for s in range(0, len(images), self.batch):
+                enc = self.tokenizer(list(questions[s:s + self.batch]))
+                mask = enc["attention_mask"].to(self.device)
+                states = self.model.question_states(self._pixels(images[s:s + self.batch]),
+                                                    enc["input_ids"].to(self.device), mask)
+                top, p = self.model.rank_answer(states, mask, *self._answers)
+                ids.append(top[:, 0].cpu())
+                probs.append(p[:, 0].cpu())
+        self.stats.add(GenerationStats(calls=1, sequences=len(images), seconds=time.perf_counter() - started))
+        return torch.cat(ids).tolist(), torch.cat(probs).tolist()
+
+    def answer(self, views: Sequence[ItemView], questions: Sequence[str],
+               histories: Sequence[Sequence[Turn]] | None = None) -> list[str]:
+        ids, _ = self.rank([v.image for v in views], questions, [v.key for v in views])
+        return [self.answer_list[i] for i in ids]
