@@ -128,7 +128,7 @@ def probe_train(a: argparse.Namespace) -> dict:
     items = load_index(Path(a.root) / "train")
     t_index = time.perf_counter() - START
     cfg = train.TrainConfig(model="tiny", image_res=a.image_res, use_captions="template", max_steps=a.steps,
-                            num_workers=a.workers, eval_every=0, ckpt_every=10**6, log_every=1, progress=False,
+                            batch_size=a.batch_size, num_workers=a.workers, eval_every=0, ckpt_every=10**6, log_every=1, progress=False,
                             device="cpu", threads=1, cache_mb=a.cache_mb)
     torch.set_num_threads(1)
     setup = train.prepare(cfg, items)
@@ -159,7 +159,7 @@ def probe_loader(a: argparse.Namespace) -> dict:
 
     items = load_index(Path(a.root) / "train")
     cfg = train.TrainConfig(model="tiny", image_res=a.image_res, use_captions="none", num_workers=a.workers,
-                            progress=False, device="cpu", cache_mb=0)
+                            batch_size=a.batch_size, progress=False, device="cpu", cache_mb=0)
     setup = train.prepare(cfg, items)
     sampler = D.PKBatchSampler(setup.labels, setup.data_config.identities_per_batch, cfg.per_identity, seed=0)
     loader = D.build_loader(setup.dataset, D.Collator(setup.bundle.tokenizer, box_source=setup.dataset),
@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-pairs", type=int, default=50, help="pairs of the rendered base benchmark (~7 photos each)")
     p.add_argument("--image-res", type=int, default=384)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="items per step (small: on CPU the activations are host memory; on a GPU they are not)")
     p.add_argument("--workers", type=int, default=2, help="loader workers of the training probe")
     p.add_argument("--cache-mb", type=float, default=512.0)
     p.add_argument("--batches", type=int, default=12, help="batches timed per loader probe")
@@ -259,11 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.move(str(cache), str(out / "index"))
         entry = {"items": len(items), "index_cold_s": round(cold, 2), "index_warm_s": round(warm, 2),
                  "train": run_probe("train", root, ["--image-res", str(a.image_res), "--steps", str(a.steps),
-                                                    "--workers", str(a.workers), "--cache-mb", str(a.cache_mb)])}
+                                                    "--batch-size", str(a.batch_size), "--workers", str(a.workers), "--cache-mb", str(a.cache_mb)])}
         entry["first_step_cold_s"] = round(entry["train"]["first_step_s"] - entry["train"]["index_s"] + cold, 2)
         if n == max(sizes):
             entry["loader"] = [run_probe("loader", root, ["--image-res", str(a.image_res), "--workers", str(w),
-                                                          "--batches", str(a.batches)]) for w in (0, 1, 2)]
+                                                          "--batches", str(a.batches), "--batch-size",
+                                                          str(a.batch_size)]) for w in (0, 1, 2)]
         report["sizes"][n] = entry
         print(json.dumps({n: entry}), file=sys.stderr)
     report["decode"] = [decode_timing(base, side, 200) for side in (a.image_res, 2 * a.image_res)]

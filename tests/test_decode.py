@@ -264,3 +264,16 @@ def test_killing_the_parent_leaves_no_orphan_workers(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_prefetched_caption_views_equal_in_process_views(train_items):
+    from capret_utils.captions.views import load_views, prefetch_views
+
+    rows = train_items.to_dict("records")
+    batches = [rows[i:i + 4] for i in range(0, 12, 4)]
+    ahead = list(prefetch_views(batches, "crop", 0.05, num_workers=2))
+    assert len(ahead) == 3
+    for rows_b, views in zip(batches, ahead):
+        here = load_views(rows_b, "crop", 0.05)
+        assert [v.key for v in views] == [v.key for v in here]
+        assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(views, here))

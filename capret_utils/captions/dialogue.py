@@ -509,9 +509,12 @@ class DialogueCaptioner:
                 captions[i] = clean_summary(s)
         return turns, captions
 
-    def caption_batch(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    def caption_batch(self, rows: Sequence[Mapping[str, Any]], views: Sequence[ItemView] | None = None,
+                      ) -> list[dict[str, Any]]:
+        """Caption a batch of rows; ``views`` = the rows' views loaded ahead (:func:`prefetch_views`), else here."""
         cfg = self.config
-        views = load_views(rows, cfg.view, cfg.crop_context, with_images=self.answerer.needs_images)
+        if views is None:
+            views = load_views(rows, cfg.view, cfg.crop_context, with_images=self.answerer.needs_images)
         turns, captions = self.dialogues(views)
         return [{
             "key": v.key, "caption": c, "method": self.method, "questioner": self.questioner.name,

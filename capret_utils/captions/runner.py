@@ -72,12 +72,14 @@ def _batches(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 def run_captioning(items: pd.DataFrame, store: CaptionStore | str | os.PathLike, captioner: Any,
-                   batch_size: int = 16, progress: bool = True, desc: str | None = None) -> RunStats:
+                   batch_size: int = 16, progress: bool = True, desc: str | None = None,
+                   num_workers: int = 0) -> RunStats:
     """Caption every item of ``items`` not yet in ``store``, batch by batch, appending each finished batch.
 
     Resumable: keys already in the store are skipped, so a killed run loses at most the batch in flight. A store
     holding captions of another method raises ``ValueError`` (use another run folder). A tqdm bar shows items/s
-    and LLM tokens/s.
+    and LLM tokens/s. For a captioner whose answerer looks at images, ``num_workers`` processes (-1 auto, 0 = none)
+    decode the next batches' views while the models answer the current one.
     """
     from tqdm.auto import tqdm
 
@@ -102,8 +104,18 @@ def run_captioning(items: pd.DataFrame, store: CaptionStore | str | os.PathLike,
         bar = tqdm(total=len(items), initial=stats.skipped, disable=not progress, unit="item",
                    desc=desc or f"{captioner.method} captions", smoothing=0.1)
         try:
-            for batch in _batches(rows, batch_size):
-                records = captioner.caption_batch(batch)
+            batches = list(_batches(rows, batch_size))
+            answerer = getattr(captioner, "answerer", None)
+            if num_workers and getattr(answerer, "needs_images", False) and hasattr(captioner, "config"):
+                from capret_utils.captions.views import prefetch_views
+
+                cfg = captioner.config
+                views = prefetch_views(batches, cfg.view, cfg.crop_context, num_workers)
+            else:
+                views = iter([None] * len(batches))
+            for batch, batch_views in zip(batches, views):
+                records = (captioner.caption_batch(batch) if batch_views is None
+                           else captioner.caption_batch(batch, batch_views))
                 store.append_batch(records)
                 stats.new += len(records)
                 stats.batches += 1

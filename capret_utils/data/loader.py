@@ -362,7 +362,7 @@ def build_loader(dataset: torch.utils.data.Dataset, collate_fn: Any, num_workers
     """The one DataLoader recipe: ``num_workers`` (:func:`resolve_workers`), pinned memory (CUDA), persistent
     workers, ``prefetch_factor`` batches per worker, a private seeded generator (worker seeds never move the
     global RNG), and the dataset's image-cache budget split across the workers. Batches come from
-    ``batch_sampler`` or, in order, ``batch_size`` rows at a time."""
+    ``batch_sampler`` or, in order, ``batch_size`` rows at a time (None: each dataset item is a batch)."""
     workers = resolve_workers(num_workers)
     store = getattr(dataset, "store", None)
     if isinstance(store, ImageStore):
@@ -372,8 +372,8 @@ def build_loader(dataset: torch.utils.data.Dataset, collate_fn: Any, num_workers
         extra.update(persistent_workers=persistent, prefetch_factor=prefetch_factor)
     if batch_sampler is not None:
         extra["batch_sampler"] = batch_sampler
-    else:
-        extra.update(batch_size=batch_size or 1, shuffle=False)
+    else:  # batch_size None: the dataset's items are batches already (no automatic batching)
+        extra.update(batch_size=batch_size, shuffle=False)
     return torch.utils.data.DataLoader(dataset, collate_fn=collate_fn, num_workers=workers, pin_memory=pin_memory,
                                        generator=torch.Generator().manual_seed(seed), **extra)
 
