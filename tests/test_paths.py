@@ -83,3 +83,22 @@ def test_atomic_path_publishes_on_success_and_leaves_nothing_on_error(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["table.csv"]  # no temp file left
     common.write_text_atomic(target, "x")
     assert target.read_text() == "x"
+
+
+def test_run_dir_from_params_is_resumable(monkeypatch, tmp_path):
+    monkeypatch.setattr(paths, "repo_root", lambda: tmp_path)
+    params = {"margin": 0.15, "data_root": "/d", "run_dir": "", "launch_app": False}
+    first = paths.run_dir("", "03_finetune", params=params)
+    assert first.name == f"03_finetune-{paths.params_digest(params)}" and first.is_dir()
+    # the same parameters find the same folder; ignored ones (run_dir, launch_app) do not matter
+    assert paths.run_dir("", "03_finetune", params={**params, "launch_app": True}) == first
+    assert paths.run_dir("", "03_finetune", params={**params, "margin": 0.2}) != first
+    assert paths.run_dir("", "03_finetune", params=params, fresh=True) != first
+    assert paths.run_dir(str(tmp_path / "given"), "03_finetune", params=params) == (tmp_path / "given").resolve()
+
+
+def test_notebook_parameters_are_read_from_the_parameters_cell():
+    names = runs.parameter_names("03_finetune")
+    assert names[0] == "model" and {"margin", "num_workers", "fresh_run", "run_dir", "smoke"} <= set(names)
+    values = runs.notebook_parameters({"margin": 0.2, "unrelated": 1}, "03_finetune")
+    assert values == {"margin": 0.2}

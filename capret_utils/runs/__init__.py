@@ -10,10 +10,12 @@ from capret_utils.runs.folders import (
     PARAMS_FILE,
     environment_info,
     git_sha,
+    notebook_parameters,
+    parameter_names,
     read_metrics,
     write_metrics,
     write_params,
 )
 
-__all__ = ["METRICS_FILE", "PARAMS_FILE", "environment_info", "git_sha", "read_metrics", "write_metrics",
-           "write_params"]
+__all__ = ["METRICS_FILE", "PARAMS_FILE", "environment_info", "git_sha", "notebook_parameters", "parameter_names",
+           "read_metrics", "write_metrics", "write_params"]

@@ -70,3 +70,30 @@ def write_metrics(run_dir: str | os.PathLike, metrics: Mapping[str, Any]) -> Pat
 
 def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
     return read_json(Path(run_dir) / METRICS_FILE)
+
+
+def parameter_names(notebook: str | os.PathLike) -> list[str]:
+    """The names a notebook's ``parameters`` cell assigns, in order (``notebook``: a path, or a name under
+    ``<repo>/notebooks`` such as ``"03_finetune"``)."""
+    import ast
+
+    import nbformat
+
+    path = Path(notebook)
+    if not path.suffix:
+        path = repo_root() / "notebooks" / f"{notebook}.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    cell = next((c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    if cell is None:
+        raise ValueError(f"{path} has no cell tagged 'parameters'")
+    names = []
+    for node in ast.parse(cell.source).body:
+        targets = [node.target] if isinstance(node, ast.AnnAssign) else getattr(node, "targets", [])
+        names += [t.id for t in targets if isinstance(t, ast.Name)]
+    return names
+
+
+def notebook_parameters(namespace: Mapping[str, Any], notebook: str | os.PathLike) -> dict[str, Any]:
+    """The current values (from ``namespace``, e.g. ``globals()``) of every name in ``notebook``'s parameters cell:
+    what a run folder's digest is computed from (:func:`capret_utils.runs.paths.run_dir`)."""
+    return {n: namespace[n] for n in parameter_names(notebook) if n in namespace}

@@ -8,8 +8,11 @@ benchmark under ``<repo>/data/`` that is generated on first use (``capret_utils.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any, Mapping
 
 from capret_utils.common import repo_root  # noqa: F401 - re-exported: paths.repo_root() in notebooks
 from capret_utils.data import synth
@@ -54,12 +57,29 @@ def split_dir(root: str | os.PathLike, split: str) -> Path:
     return path
 
 
-def run_dir(run_dir: str | os.PathLike | None = None, notebook: str = "run") -> Path:
-    """Create and return a run folder: the given one, else ``runs/scratch/<notebook>-<timestamp>``."""
+RUN_DIGEST_IGNORED = ("run_dir", "fresh_run", "launch_app", "progress")
+"""Parameters that do not change a run's results, left out of the run-folder digest."""
+
+
+def params_digest(params: Mapping[str, Any]) -> str:
+    """12 hex digits identifying a notebook run's parameters (:data:`RUN_DIGEST_IGNORED` left out)."""
+    kept = {k: v for k, v in params.items() if k not in RUN_DIGEST_IGNORED}
+    text = json.dumps(kept, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def run_dir(run_dir: str | os.PathLike | None = None, notebook: str = "run",
+            params: Mapping[str, Any] | None = None, fresh: bool = False) -> Path:
+    """Create and return a run folder: the given ``run_dir``; else, with ``params``, the resumable
+    ``runs/scratch/<notebook>-<digest of params>`` (the same command finds its earlier folder again: notebook 03
+    resumes its training, notebook 04 reuses its embeddings); else, or with ``fresh``, a new
+    ``runs/scratch/<notebook>-<timestamp>``."""
     if str(run_dir or "").strip():
         path = Path(run_dir).expanduser()
         if not path.is_absolute():
             path = Path.cwd() / path
+    elif params is not None and not fresh:
+        path = repo_root() / "runs" / "scratch" / f"{notebook}-{params_digest(params)}"
     else:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         path = repo_root() / "runs" / "scratch" / f"{notebook}-{stamp}"
