@@ -3,8 +3,7 @@
 :func:`load_index` returns the items table of a split folder (same rows and columns as
 :func:`~capret_utils.data.df2.load_items`) without the two heavy per-item fields, ``landmarks`` and
 ``segmentation`` (Python lists: about 0.9 GB at 173 k items, and DataLoader workers that fork touch and copy such
-objects). The strings that repeat (``split``, ``source``, ``item``, ``category_name``) are pandas categoricals, the
-numbers are numpy columns. ``heavy=True`` adds the two fields back, read from the cache's Arrow file (notebook 01's
+objects). Strings are pandas' Arrow-backed ``str`` columns (no Python object per value), numbers numpy columns. ``heavy=True`` adds the two fields back, read from the cache's Arrow file (notebook 01's
 FiftyOne dataset is their only user).
 
 The first call parses the split with :func:`~capret_utils.data.df2.load_items` (progress bar from 4,000 files,
@@ -31,11 +30,11 @@ import pandas as pd
 from capret_utils.common import atomic_path, repo_root
 from capret_utils.data.df2_reader import ErrorMode, ReadConfig, load_items
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 """Bump when the lean table's columns or types change (old cache files are then ignored)."""
 
 HEAVY_COLUMNS = ("landmarks", "segmentation")
-CATEGORICAL_COLUMNS = ("split", "source", "item", "category_name")
+CATEGORICAL_COLUMNS: tuple[str, ...] = ()  # none: categoricals break string arithmetic downstream (split + "/")
 ENV_CACHE = "CAPRET_CACHE"
 
 
@@ -69,7 +68,7 @@ def listing_digest(split_dir: str | os.PathLike, errors: str = "raise") -> str:
 
 
 def lean(items: pd.DataFrame) -> pd.DataFrame:
-    """The items table without the heavy fields, repeated strings as categoricals (attrs kept)."""
+    """The items table without the heavy fields (attrs kept)."""
     out = items.drop(columns=[c for c in HEAVY_COLUMNS if c in items.columns])
     for col in CATEGORICAL_COLUMNS:
         if col in out.columns:
