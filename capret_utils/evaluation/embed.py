@@ -189,7 +189,14 @@ def predict_boxes(items: pd.DataFrame, bundle: ModelBundle, texts: Sequence[str]
             fused = model.get_fusion_embeds(model.get_text_embeds(ids, mask), mask, image_embeds)
             out.append(model.predict_bbox(fused).float().cpu())
     rel = torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, 4), np.float32)
-    W, H = items["width"].to_numpy(np.float32), items["height"].to_numpy(np.float32)
+    return box_to_pixels(rel, items["width"].to_numpy(np.float32), items["height"].to_numpy(np.float32))
+
+
+def box_to_pixels(rel: np.ndarray, W: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """Box-head outputs (n, 4) sigmoid ``(cx, cy, w, h)`` in [0, 1] -> (x1, y1, x2, y2) float32 pixels of images
+    ``W`` × ``H`` (n,), clamped into the image and at least one pixel wide and high."""
+    rel = np.asarray(rel, dtype=np.float32).reshape(-1, 4)
+    W, H = np.asarray(W, dtype=np.float32), np.asarray(H, dtype=np.float32)
     cx, cy, w, h = (rel[:, i] for i in range(4))
     boxes = np.stack([(cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H], axis=1)
     boxes = boxes.astype(np.float32).reshape(-1, 4)
