@@ -34,7 +34,9 @@ identity classes, crop context, metrics); :func:`load_finetuned` rebuilds the :c
 
 Submodules: ``config`` (TrainConfig, recipes), ``losses`` (loss functions), ``criterion`` (the per-step loss
 module), ``model`` (tokenizer, model, prepare), ``loop`` (finetune, train_step, evaluate), ``checkpoint`` (train
-state, final model, history), ``plan`` (the memory plan of a step), ``precision`` (bf16 / fp16 / fp32). Their
+state, final model, history), ``plan`` (the memory plan of a step), ``precision`` (bf16 / fp16 / fp32),
+``distributed`` (process group, per-rank P×K shards, DDP, sharded evaluation), ``cli`` (a run from a parameter
+file: the ``python -m capret_utils.train`` CLI under torchrun, and notebook 03's ``nproc``). Their
 public names are re-exported here. Recipes, the memory plan, checkpointing and precision: ``docs/recipes.md``.
 """
 
@@ -90,6 +92,19 @@ from capret_utils.train.loop import (  # noqa: F401
     suppress_known_warnings,
     total_steps_for,
     train_step,
+)
+from capret_utils.train.distributed import (  # noqa: F401
+    DistContext,
+    ShardedBatchSampler,
+    init_distributed,
+    teardown,
+)
+from capret_utils.train.cli import (  # noqa: F401
+    launch,
+    launch_params,
+    load_result,
+    read_params,
+    run_params,
 )
 from capret_utils.train.model import (  # noqa: F401
     TrainSetup,

@@ -34,7 +34,8 @@ from capret_utils.x2vlm import (
 )
 
 
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """The RNG states a resumable checkpoint keeps: python, numpy, torch (+ CUDA) and ``generator``."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
              "itm": generator.get_state()}
     if torch.cuda.is_available():
@@ -71,8 +72,11 @@ def _running_stats(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_train_state(run_dir: Path, step: int, model: torch.nn.Module, arcface: L.ArcFace,
                      optimizer: torch.optim.Optimizer, scheduler: Any, sampler: D.PKBatchSampler,
                      generator: torch.Generator, state: dict[str, Any], keep: int = 2,
-                     category: L.ArcFace | None = None) -> Path:
-    """Write ``train_state/step-NNNNNN`` atomically (temp folder + rename), then point ``latest.json`` at it."""
+                     category: L.ArcFace | None = None, rank_rngs: list[Any] | None = None) -> Path:
+    """Write ``train_state/step-NNNNNN`` atomically (temp folder + rename), then point ``latest.json`` at it.
+
+    ``rank_rngs``: with several processes, every rank's RNG states (:func:`capret_utils.train.distributed
+    .gather_rng_states`), stored as ``rng_ranks`` next to this process's ``rng``."""
     from safetensors.torch import save_file
 
     root = Path(run_dir) / STATE_DIR
@@ -86,8 +90,10 @@ def save_train_state(run_dir: Path, step: int, model: torch.nn.Module, arcface: 
     if stats := _running_stats(model):
         save_file(stats, str(tmp / "buffers.safetensors"))
     save_file(_class_weights(arcface, category), str(tmp / ARCFACE_FILE))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(generator)}, tmp / "optim_rng.pt")
+    blob = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(generator)}
+    if rank_rngs:
+        blob["rng_ranks"] = list(rank_rngs)
+    torch.save(blob, tmp / "optim_rng.pt")
     write_json(tmp / "state.json", {**state, "step": step, "sampler": sampler.state_dict()})
     for f in tmp.iterdir():  # make the files durable before the rename publishes them
         with open(f, "rb") as fh:
@@ -116,7 +122,12 @@ def latest_train_state(run_dir: str | os.PathLike) -> Path | None:
 
 def load_train_state(path: Path, model: torch.nn.Module, arcface: L.ArcFace, optimizer: torch.optim.Optimizer,
                      scheduler: Any, sampler: D.PKBatchSampler, generator: torch.Generator,
-                     category: L.ArcFace | None = None) -> dict[str, Any]:
+                     category: L.ArcFace | None = None, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+    """Restore what :func:`save_train_state` wrote into the given objects; returns ``state.json``'s content.
+
+    With several processes (``rank`` of ``world_size``) each rank takes its own saved RNG states when the
+    checkpoint was written by as many ranks; otherwise ranks other than 0 get rank 0's and ``state["rng_restored"]``
+    is False (the caller reseeds them, :func:`capret_utils.train.distributed.decorrelate`)."""
     from safetensors.torch import load_file
 
     weights = load_file(str(path / "trainable.safetensors"))
@@ -148,7 +159,10 @@ def load_train_state(path: Path, model: torch.nn.Module, arcface: L.ArcFace, opt
     scheduler.load_state_dict(blob["scheduler"])
     state = json.loads((path / "state.json").read_text())
     sampler.load_state_dict(state["sampler"])
-    _set_rng_state(blob["rng"], generator)
+    per_rank = blob.get("rng_ranks") or []
+    own = len(per_rank) == world_size and rank < len(per_rank)
+    _set_rng_state(per_rank[rank] if own else blob["rng"], generator)
+    state["rng_restored"] = own or rank == 0
     return state
 
 

@@ -11,7 +11,7 @@ import random
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -23,11 +23,13 @@ from capret_utils.data import loader as D
 from capret_utils.data.df2 import CATEGORY_NAMES
 from capret_utils.data.splits import eval_subset
 from capret_utils.evaluation import embed as E
+from capret_utils.train import distributed as DI
 from capret_utils.train import losses as L
 from capret_utils.train import precision as P
 from capret_utils.train.checkpoint import (
     latest_train_state,
     load_train_state,
+    rng_state,
     save_finetuned,
     save_train_state,
     write_history,
@@ -39,6 +41,7 @@ from capret_utils.train.config import (
     HEADLINE,
     STATE_DIR,
     TrainConfig,
+    leading_rows,
 )
 from capret_utils.train.criterion import Criterion
 from capret_utils.train.model import TrainSetup
@@ -64,12 +67,15 @@ def seed_everything(seed: int) -> None:
 
 def evaluate(bundle: E.ModelBundle, items: pd.DataFrame, config: TrainConfig | None = None,
              store: D.ImageStore | None = None, image_level: bool = False, progress: bool = False,
-             ) -> dict[str, Any]:
+             ranks: DI.DistContext | None = None) -> dict[str, Any]:
     """Item-level retrieval metrics on a split (official sets): hit@k for k in 1, 5, 10, 15, 20 and mAP.
 
     The view follows ``config.use_boxes`` (item crops, or whole photos for every item); with ``image_level`` also
-    image-level metrics (whole photos) under ``"image_level"``.
+    image-level metrics (whole photos) under ``"image_level"``. ``ranks`` (several processes): each embeds its
+    shard of the rows, the embeddings are gathered on every rank (:func:`capret_utils.train.distributed.sharded`).
     """
+    ranks = ranks or DI.SINGLE
+    embed_items, embed_images = DI.sharded(E.embed_items, ranks), DI.sharded(E.embed_images, ranks)
     from capret_utils.evaluation import metrics
 
     config = config or TrainConfig()
@@ -78,16 +84,16 @@ def evaluate(bundle: E.ModelBundle, items: pd.DataFrame, config: TrainConfig | N
                          num_workers=config.num_workers)
     store = store or bundle.store(cache=True)
     queries, gallery = metrics.item_sets(items)
-    _, q = E.embed_items(queries, bundle, ecfg, store=store)
-    _, g = E.embed_items(gallery, bundle, ecfg, store=store)
+    _, q = embed_items(queries, bundle, ecfg, store=store)
+    _, g = embed_items(gallery, bundle, ecfg, store=store)
     res = metrics.evaluate_items(q, g, queries, gallery, ks=EVAL_KS,
                                  config=metrics.EvalConfig(progress=False, device="cpu"))
     out = {k: float(res.metrics[k]) for k in [f"top{k}" for k in EVAL_KS] + ["mAP"]}
     out["n_queries"], out["n_gallery"] = int(res.metrics["n_evaluated"]), int(res.metrics["n_gallery"])
     if image_level:
         qi, gi = metrics.image_sets(items)
-        _, qe = E.embed_images(qi, bundle, ecfg, store=store)
-        _, ge = E.embed_images(gi, bundle, ecfg, store=store)
+        _, qe = embed_images(qi, bundle, ecfg, store=store)
+        _, ge = embed_images(gi, bundle, ecfg, store=store)
         r2 = metrics.evaluate_images(qe, ge, qi, gi, ks=EVAL_KS,
                                      config=metrics.EvalConfig(progress=False, device="cpu"))
         out["image_level"] = {k: float(r2.metrics[k]) for k in [f"top{k}" for k in EVAL_KS] + ["mAP"]}
@@ -270,7 +276,7 @@ class EpochBatches:
 
 def train_step(net: torch.nn.Module, criterion: Criterion, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, batches: Iterator[Any], config: TrainConfig,
-               step: int, scaler: Any = None, check: bool = True,
+               step: int, scaler: Any = None, check: bool = True, ddp: torch.nn.Module | None = None,
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """One optimizer step (``config.grad_accum`` micro-batches) at 0-based ``step``: forward, weighted loss,
     backward, gradient clipping, optimizer and schedule step, temperature clamp.
@@ -279,15 +285,19 @@ def train_step(net: torch.nn.Module, criterion: Criterion, optimizer: torch.opti
     copied to the host, so a GPU step does not wait for the CPU. ``check`` = raise
     :class:`~capret_utils.train.losses.NonFiniteLossError` here (a host sync); the training loop passes False and
     checks the returned values at its log interval. ``scaler`` (fp16, :func:`~capret_utils.train.precision
-    .grad_scaler`) scales the loss, unscales before clipping and skips a step whose gradients overflowed."""
+    .grad_scaler`) scales the loss, unscales before clipping and skips a step whose gradients overflowed. ``ddp``
+    (several processes, :func:`~capret_utils.train.distributed.wrap_ddp`): the terms come from its forward, whose
+    backward all-reduces the gradients (only after the last micro-batch of an accumulation)."""
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, torch.Tensor] = {}
     loss_sum: torch.Tensor | None = None
-    for _ in range(config.grad_accum):
+    for i in range(config.grad_accum):
         batch = next(batches)
-        terms = criterion(net, batch)
-        loss = criterion.total(terms, step + 1, check) / config.grad_accum
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        last = i == config.grad_accum - 1
+        with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
+            terms = criterion(net, batch) if ddp is None else ddp(batch)
+            loss = criterion.total(terms, step + 1, check) / config.grad_accum
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         for k, v in terms.items():
             part = v.detach().float() / config.grad_accum
@@ -314,10 +324,12 @@ class StepLog:
     """The loss rows of the steps since the last log, kept on the device and copied to the host in one transfer
     (:meth:`flush`) at the log interval — the loop's only host syncs. :meth:`flush` also runs the NaN guard: the
     first step with a non-finite term (or gradient norm) raises :class:`~capret_utils.train.losses
-    .NonFiniteLossError` naming it."""
+    .NonFiniteLossError` naming it. ``reduce`` (several processes: :func:`~capret_utils.train.distributed
+    .mean_over_ranks`) averages the rows over the ranks in the same transfer."""
 
-    def __init__(self) -> None:
+    def __init__(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self._pending: list[tuple[int, float, float, float, torch.Tensor, list[str]]] = []
+        self._reduce = reduce
 
     def add(self, step: int, epoch: float, lr: float, elapsed: float, loss: torch.Tensor,
             terms: Mapping[str, torch.Tensor], norm: torch.Tensor | None, temp: torch.Tensor) -> None:
@@ -332,7 +344,10 @@ class StepLog:
     def flush(self) -> list[dict[str, Any]]:
         if not self._pending:
             return []
-        host = torch.stack([p[4] for p in self._pending]).cpu().tolist()  # one device -> host copy
+        stacked = torch.stack([p[4] for p in self._pending])
+        if self._reduce is not None:
+            stacked = self._reduce(stacked)
+        host = stacked.cpu().tolist()  # one device -> host copy
         rows = []
         for (step, epoch, lr, elapsed, _, names), values in zip(self._pending, host):
             loss, terms, temp, norm = values[0], values[1:1 + len(names)], values[-2], values[-1]
@@ -344,12 +359,12 @@ class StepLog:
 
 
 def _eval_during_training(net: X2VLMModel, setup: TrainSetup, val_items: pd.DataFrame, store: Any,
-                          step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+                          step: int, ranks: DI.DistContext = DI.SINGLE) -> tuple[dict[str, Any], dict[str, Any]]:
     """Evaluate the model being trained (LoRA layers active) and return (metrics, the history row)."""
     config, bundle = setup.config, setup.bundle
     net.eval()
     model = bundle if config.mode == "full" else E.ModelBundle(net, bundle.tokenizer, bundle.processor, bundle.info)
-    res = evaluate(model, val_items, config, store=store, image_level=config.eval_image_level)
+    res = evaluate(model, val_items, config, store=store, image_level=config.eval_image_level, ranks=ranks)
     net.train()
     row = {"kind": "eval", "step": step, **{k: v for k, v in res.items() if not isinstance(v, dict)}}
     if "image_level" in res:
@@ -374,6 +389,7 @@ def _trainable(setup: TrainSetup) -> tuple[torch.nn.Module, X2VLMModel, Any]:
 def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataFrame | None,
               callback: Callable[[dict[str, Any]], None] | None, stop_after: int | None) -> FinetuneResult:
     config, bundle = setup.config, setup.bundle
+    ranks = DI.current()  # several processes under torchrun (train.distributed); rank 0 writes everything
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = bundle.device
@@ -384,7 +400,7 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
         net.set_layer_checkpointing(True)
     precision = P.resolve_precision(device, config.bf16)
     scaler = P.grad_scaler(precision, device)
-    if config.progress:
+    if config.progress and ranks.is_main:
         print(P.describe(precision, device))
     counts = trainable_parameters(train_module)
     arcface, category = build_arcfaces(config, len(setup.classes), int(net.config.embed_dim))
@@ -398,6 +414,11 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
     scheduler = build_scheduler(optimizer, total, config)
     generator = torch.Generator().manual_seed(config.seed + 1)
     criterion = Criterion(config, arcface, category, generator, device)
+    if ranks.enabled:  # per-rank shares of the global batch: box rows, recoloured crops, the P×K slice
+        setup.dataset.config = replace(setup.dataset.config, box_per_batch=leading_rows(
+            config.batch_size // ranks.world_size, config.box_fraction))
+        criterion.category_recolour = DI.shard_for_rank(config.category_recolour, ranks)
+        DI.decorrelate(generator, config.seed, ranks)
     history: list[dict[str, Any]] = []
     step, train_seconds, resumed_from = 0, 0.0, None
     digest = config.trajectory_digest(net.config)
@@ -407,22 +428,31 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
         if saved_digest != digest:
             raise ValueError(f"{latest} was written with another training configuration or model architecture "
                              f"(digest {saved_digest} vs {digest}); use a new run_dir or resume=False")
-        state = load_train_state(latest, train_module, arcface, optimizer, scheduler, sampler, generator, category)
+        state = load_train_state(latest, train_module, arcface, optimizer, scheduler, sampler, generator, category,
+                                 ranks.rank, ranks.world_size)
         step, train_seconds, history = int(state["step"]), float(state["train_seconds"]), list(state["history"])
+        if not state["rng_restored"]:  # resumed on another number of ranks
+            DI.decorrelate(generator, config.seed, ranks, step)
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
         resumed_from = step
-    elif not config.resume and (run_dir / STATE_DIR).exists():
+    elif not config.resume and (run_dir / STATE_DIR).exists() and ranks.is_main:
         shutil.rmtree(run_dir / STATE_DIR)
-    batches = EpochBatches(setup, D.Collator(bundle.tokenizer, box_source=setup.dataset), sampler, config,
+    DI.barrier(ranks)
+    ddp = DI.wrap_ddp(train_module, net, criterion, device) if ranks.enabled else None
+    batches = EpochBatches(setup, D.Collator(bundle.tokenizer, box_source=setup.dataset),
+                           DI.ShardedBatchSampler(sampler, ranks) if ranks.enabled else sampler, config,
                            pin_memory=device.type == "cuda")
 
     def save(at_step: int) -> None:
+        rngs = DI.gather_rng_states(rng_state(generator), ranks)
         blob = {"digest": digest, "train_seconds": train_seconds, "history": history, "total_steps": total,
                 "config": asdict(config), "precision": precision,
                 "grad_scaler": scaler.state_dict() if scaler is not None else None}
-        save_train_state(run_dir, at_step, train_module, arcface, optimizer, scheduler, sampler, generator, blob,
-                         config.keep_checkpoints, category)
+        if ranks.is_main:
+            save_train_state(run_dir, at_step, train_module, arcface, optimizer, scheduler, sampler, generator,
+                             blob, config.keep_checkpoints, category, rngs)
+        DI.barrier(ranks)
 
     watch = eval_subset(val_items, config.eval_items, config.seed) if val_items is not None else None
 
@@ -430,23 +460,24 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
         if val_items is None:
             return None
         items = val_items if final else watch  # during training: a fixed, seeded subset (eval_items)
-        res, row = _eval_during_training(net, setup, items, val_store, at_step)
+        res, row = _eval_during_training(net, setup, items, val_store, at_step, ranks)
         history.append(row)
-        if callback:
+        if callback and ranks.is_main:
             callback(row)
         return res
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=step, desc=f"fine-tune ({mode})", disable=not config.progress, unit="step")
+    bar = tqdm(total=total, initial=step, desc=f"fine-tune ({mode})", disable=not config.progress or not ranks.is_main,
+               unit="step")
     done_here = 0
     last_eval: dict[str, Any] | None = None
-    log = StepLog()
+    log = StepLog(DI.mean_over_ranks(ranks))
 
     def flush() -> None:  # the loop's host sync: loss rows of the last steps, NaN guard, progress bar
         rows = log.flush()
         history.extend(rows)
-        if callback:
+        if callback and ranks.is_main:
             for r in rows:
                 callback(r)
         if rows:
@@ -456,7 +487,7 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
         while step < total and (stop_after is None or done_here < stop_after):
             t0 = time.perf_counter()
             loss_sum, sums, norm = train_step(net, criterion, optimizer, scheduler, batches, config, step, scaler,
-                                              check=False)
+                                              check=False, ddp=ddp)
             step += 1
             done_here += 1
             train_seconds += time.perf_counter() - t0
@@ -471,13 +502,15 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
                 last_eval = run_eval(step)
             if save_now:
                 save(step)
-                write_history(run_dir, history)
+                if ranks.is_main:
+                    write_history(run_dir, history)
         flush()
     finally:
         batches.close()
     bar.close()
     if stop_after is not None and step < total:
-        write_history(run_dir, history)
+        if ranks.is_main:
+            write_history(run_dir, history)
         return FinetuneResult(bundle, pd.json_normalize(history), {}, run_dir / CHECKPOINT_DIR, step, train_seconds,
                               resumed_from, {})
     # final evaluation (skipped when a finished run is re-entered and its last row already is the final eval)
@@ -487,7 +520,8 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
         save(total)
     else:
         last_eval = {k: v for k, v in final_eval.items() if k not in ("kind", "step")}
-    write_history(run_dir, history)
+    if ranks.is_main:
+        write_history(run_dir, history)
     if config.gradient_checkpointing:
         net.set_layer_checkpointing(False)
     final_model = merge_lora(peft_model) if peft_model is not None else net
@@ -500,13 +534,17 @@ def _finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataF
             "trainable_parameters": counts, "metrics": last_eval, "arcface_margin_rad": config.margin,
             "arcface_margin_deg": math.degrees(config.margin), "category_margin_rad": config.category_margin,
             "resumed_from": resumed_from, "precision": precision,
+            **({"world_size": ranks.world_size} if ranks.enabled else {}),
             "skipped_images": {"count": len(batches.skipped), "items": batches.skipped[:100]}}
     if batches.skipped:
         warnings.warn(f"fine-tuning left {len(batches.skipped)} sample(s) out for unreadable images "
                       f"(bad_images='skip'); first: {batches.skipped[0]['path']} (item {batches.skipped[0]['key']})",
                       stacklevel=2)
     final_bundle.info.update({k: v for k, v in info.items() if k in ("config", "finetune_mode", "identity_classes")})
-    ckpt = save_finetuned(final_bundle, run_dir / CHECKPOINT_DIR, arcface, info, category)
+    ckpt = run_dir / CHECKPOINT_DIR
+    if ranks.is_main:
+        save_finetuned(final_bundle, ckpt, arcface, info, category)
+    DI.barrier(ranks)
     return FinetuneResult(final_bundle, pd.json_normalize(history), last_eval or {}, ckpt, step, train_seconds,
                           resumed_from, info)
 
