@@ -1,8 +1,9 @@
 """Subprocess for the kill/resume test: dialogue-captions a data root into a store, slowly, until killed.
 
-Usage: python tests/captions_kill_worker.py DATA_ROOT STORE BATCH_SIZE DELAY_S
+Usage: python tests/captions_kill_worker.py DATA_ROOT STORE BATCH_SIZE DELAY_S [RANK WORLD_SIZE]
 Uses the offline pair (ScriptedQuestioner + AttributeAnswerer) — deterministic — with ``DELAY_S`` of sleep per
-answer call so a SIGKILL lands while a batch is in flight.
+answer call so a SIGKILL lands while a batch is in flight. With ``RANK WORLD_SIZE`` it is one rank of a sharded run
+(its share of the items into ``<store stem>.rank<RANK>.jsonl``).
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ class SlowAttributeAnswerer(C.AttributeAnswerer):
 
 def main(argv: list[str]) -> int:
     root, store, batch_size, delay = Path(argv[0]), Path(argv[1]), int(argv[2]), float(argv[3])
+    shard = (int(argv[4]), int(argv[5])) if len(argv) > 5 else None
     splits = C.resolve_splits(root, "all")
     items = C.load_split_items(root, splits)
     attrs = C.load_attributes([root / s for s in splits])
     captioner = C.DialogueCaptioner(C.ScriptedQuestioner(), SlowAttributeAnswerer(attrs, delay),
                                     C.DialogueConfig(rounds=10))
     print("started", flush=True)
-    stats = C.run_captioning(items, store, captioner, batch_size=batch_size, progress=False)
+    stats = C.run_captioning(items, store, captioner, batch_size=batch_size, progress=False, shard=shard)
     print(f"done new={stats.new} skipped={stats.skipped}", flush=True)
     return 0
 

@@ -101,6 +101,10 @@ from capret_utils.captions.store import (  # noqa: F401
     dialogue_source,
     load_captions,
     load_captions_optional,
+    merged_records,
+    read_captions,
+    shard_path,
+    store_shards,
 )
 from capret_utils.captions.template import (  # noqa: F401
     OCCLUSION_WORDS,

@@ -28,7 +28,7 @@ from capret_utils.captions.dialogue import (
 )
 from capret_utils.captions.llm import ChatLLMQuestioner, LLMConfig
 from capret_utils.captions.pixel import PIXEL_VQA, PixelAnswerer, PixelVQAConfig, load_or_train
-from capret_utils.captions.store import CaptionStore
+from capret_utils.captions.store import CaptionStore, merged_records, shard_path, store_shards
 from capret_utils.captions.template import _require_columns, template_caption
 from capret_utils.captions.tiny import build_tiny_models
 from capret_utils.captions.vqa import VQAAnswerer, VQAConfig
@@ -73,8 +73,14 @@ def _batches(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 def run_captioning(items: pd.DataFrame, store: CaptionStore | str | os.PathLike, captioner: Any,
                    batch_size: int = 16, progress: bool = True, desc: str | None = None,
-                   num_workers: int = 0) -> RunStats:
+                   num_workers: int = 0, shard: tuple[int, int] | None = None) -> RunStats:
     """Caption every item of ``items`` not yet in ``store``, batch by batch, appending each finished batch.
+
+    ``shard=(rank, world_size)`` (several processes or GPUs, e.g. ``RANK`` / ``WORLD_SIZE`` under torchrun): this
+    process captions rows ``rank, rank + W, …`` of ``items`` (the same table on every rank) into its own file
+    ``captions.rank{rank}.jsonl`` (:func:`~capret_utils.captions.store.shard_path`); keys done in any shard are
+    skipped, so a killed rank resumes (on any number of ranks) without losing or duplicating an item. Readers
+    merge the shards (:func:`~capret_utils.captions.store.load_captions`).
 
     Resumable: keys already in the store are skipped, so a killed run loses at most the batch in flight. A store
     holding captions of another method raises ``ValueError`` (use another run folder). A tqdm bar shows items/s
@@ -90,14 +96,21 @@ def run_captioning(items: pd.DataFrame, store: CaptionStore | str | os.PathLike,
         dup = items.loc[items["key"].duplicated(), "key"].iloc[0]
         raise ValueError(f"items table has duplicate keys, e.g. {dup!r}")
     store = store if isinstance(store, CaptionStore) else CaptionStore(store)
-    other = store.methods() - {captioner.method} if store.path.is_file() else set()
+    rank, world = shard or (0, 1)
+    base = store.path
+    if world > 1:
+        store = CaptionStore(shard_path(base, rank, world))
+        items = items.iloc[rank::world]
+    shards = store_shards(base)
+    other = {r["method"] for r in merged_records(base, warn=False)} - {captioner.method} if shards else set()
     if other:
-        raise ValueError(f"{store.path} holds {sorted(other)} captions; this run writes {captioner.method!r} "
+        raise ValueError(f"{base} holds {sorted(other)} captions; this run writes {captioner.method!r} "
                          f"captions — use another run_dir or file")
     stats = RunStats(method=captioner.method, captioner=captioner.name, items=len(items))
     before = {k: v.copy() for k, v in captioner.generation_stats().items()}
     with store:
-        done = store.done_keys()
+        done = store.done_keys() | {r["key"] for f in shards if f != store.path
+                                    for r in CaptionStore(f).records(warn=False)}
         rows = [r for r in items.to_dict("records") if r["key"] not in done]
         stats.skipped = len(items) - len(rows)
         started = time.perf_counter()

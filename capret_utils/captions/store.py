@@ -1,4 +1,8 @@
-"""The resumable caption store: ``captions.jsonl``, appended and fsync'ed per batch, torn last lines cut off."""
+"""The resumable caption store: ``captions.jsonl``, appended and fsync'ed per batch, torn last lines cut off.
+
+Sharded: with several processes each rank appends to its own file, ``captions.rank{r}.jsonl`` next to
+``captions.jsonl`` (:func:`shard_path`); readers (:func:`load_captions`, :func:`read_captions`,
+:func:`merged_records`) merge ``captions.jsonl`` and every shard (:func:`store_shards`)."""
 
 from __future__ import annotations
 
@@ -238,18 +242,67 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+# ------------------------------------------------------------------------------------------ shards
+
+
+def shard_path(path: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """The file rank ``rank`` of ``world_size`` appends to: the store itself for one process, else
+    ``<stem>.rank<r><suffix>`` next to it (``captions.rank1.jsonl``)."""
+    base = CaptionStore(path).path
+    if world_size <= 1:
+        return base
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} must lie in [0, {world_size})")
+    return base.with_name(f"{base.stem}.rank{int(rank)}{base.suffix}")
+
+
+def store_shards(path: str | os.PathLike) -> list[Path]:
+    """The existing files of a (possibly sharded) store: ``captions.jsonl`` first, then the rank files in rank
+    order."""
+    base = CaptionStore(path).path
+    ranks = []
+    for f in base.parent.glob(f"{base.stem}.rank*{base.suffix}"):
+        tag = f.name[len(base.stem) + len(".rank"):len(f.name) - len(base.suffix)]
+        if tag.isdigit():
+            ranks.append((int(tag), f))
+    return ([base] if base.is_file() else []) + [f for _, f in sorted(ranks)]
+
+
+def merged_records(path: str | os.PathLike, warn: bool = True) -> list[dict[str, Any]]:
+    """Every complete record of ``captions.jsonl`` and its rank files, file after file (:func:`store_shards`);
+    a key in several files (a sharded run resumed on another number of ranks never writes one) is warned about."""
+    records: list[dict[str, Any]] = []
+    for f in store_shards(path):
+        records.extend(CaptionStore(f).records(warn=warn))
+    if warn:
+        keys = [r["key"] for r in records]
+        if len(set(keys)) < len(keys):
+            dup = pd.Series(keys)[pd.Series(keys).duplicated()].tolist()
+            warnings.warn(f"{CaptionStore(path).path}: {len(dup)} key(s) in more than one shard, the last record "
+                          f"wins: {dup[:5]}", RuntimeWarning, stacklevel=2)
+    return records
+
+
+def read_captions(path: str | os.PathLike) -> pd.DataFrame:
+    """All shards of a store as one DataFrame (one row per key, the last record wins), like
+    :meth:`CaptionStore.read` for a single file."""
+    records = merged_records(path)
+    df = pd.DataFrame.from_records(records, columns=None if records else ["key", "caption", "method"])
+    return df.drop_duplicates("key", keep="last").reset_index(drop=True) if len(df) else df
+
+
 def load_captions(path: str | os.PathLike, method: str | None = None) -> dict[str, str]:
-    """``{key: caption}`` from a ``captions.jsonl`` (or a run folder holding one).
+    """``{key: caption}`` from a ``captions.jsonl`` (or a run folder holding one) and its rank files.
 
     A torn last line is skipped with a warning; with duplicate keys the last record wins (warned). ``method``
-    keeps only records of that method (``"template"`` / ``"dialogue"``). A missing file raises
-    ``FileNotFoundError`` naming it.
+    keeps only records of that method (``"template"`` / ``"dialogue"``). A missing store (no file, no shard)
+    raises ``FileNotFoundError`` naming it.
     """
     store = CaptionStore(path)
-    if not store.path.is_file():
+    if not store_shards(store.path):
         raise FileNotFoundError(f"caption store {store.path} does not exist (run notebooks/02_captions.ipynb)")
     out: dict[str, str] = {}
-    for r in store.records():
+    for r in merged_records(store.path):
         if method is None or r["method"] == method:
             out[r["key"]] = r["caption"]
     return out
@@ -259,7 +312,7 @@ def dialogue_source(path: str) -> str:
     """``"oracle"`` when any record of notebook 02's ``captions.jsonl`` at ``path`` was answered from the ground
     truth (the attribute answerer), else ``"pixel"`` (a VQA model that saw only the photo answered)."""
     store = CaptionStore(Path(path) / "captions.jsonl" if Path(path).is_dir() else Path(path))
-    answerers = {str(r.get("answerer", "")) for r in store.records() if r.get("method") == "dialogue"}
+    answerers = {str(r.get("answerer", "")) for r in merged_records(store.path) if r.get("method") == "dialogue"}
     return "oracle" if not answerers or "attributes" in answerers else "pixel"
 
 
