@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -31,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from capret_utils.common import atomic_path, resolve_device
-from capret_utils.evaluation import df2_eval, embed, metrics, stats
+from capret_utils.evaluation import df2_eval, embed, features, metrics, stats
 
 KS: tuple[int, ...] = metrics.DEFAULT_KS
 TABLE_KS: tuple[int, ...] = (1, 5, 10, 20)
@@ -193,6 +194,7 @@ class AnalysisConfig:
     progress: bool = True  # tqdm bars
     device: str = "auto"  # exact evaluator device ("auto": CUDA when torch sees it)
     num_workers: int = -1  # image-loading worker processes: -1 auto (cores - 1, at most 8), 0 in-process
+    keep_tokens: bool | None = None  # keep image tokens on disk in the one decode pass; None: per variant (run_all sets it)
     bad_images: str = "raise"  # unreadable image: "raise" | "skip" (grey placeholder view, counted in a warning)
 
     def validate(self) -> None:
@@ -306,22 +308,25 @@ def run_variant(variant: Variant, model_name: str, bundle: embed.ModelBundle, da
 
     queries, gallery = _item_view_frames(data, bundle, cfg, ecfg, cache, tag)
     view = "crop" if cfg.boxes == "gt" else "predcrop"
-    ecfg_v = embed.EmbedConfig(view="crop", fusion=variant.fusion, batch_size=cfg.batch_size, progress=cfg.progress,
-                                 num_workers=cfg.num_workers)
+    folder = cache if cache is not None else Path(tempfile.mkdtemp(prefix="capret-features-"))
+    tokens = cfg.keep_tokens if cfg.keep_tokens is not None else (variant.fusion == "cross" or variant.rerank)
+    views = {side: features.view_features(frame, bundle, ecfg, folder, f"{tag}-{view}-{side}", tokens=tokens)
+             for side, frame in (("q", queries), ("g", gallery))}  # one decode pass per view, reused by variants
 
     def emb(frame: pd.DataFrame, side: str) -> np.ndarray:
-        keys = frame["key"].tolist()
-        if side == "q" and variant.text_side == "gallery":  # queries stay image-only (the plain crop embedding)
-            name = f"{tag}-{view}-none-none-{side}"
-            return _embed_cached(cache, name, keys, lambda: embed.embed_items(frame, bundle, ecfg))
-        texts = data.text_of(frame, variant.text) if variant.text != "none" else None
+        if variant.text == "none" or (side == "q" and variant.text_side == "gallery"):
+            return views[side].feats  # image only (queries of a gallery-only variant stay image-only)
+        texts = data.text_of(frame, variant.text)
         name = f"{tag}-{view}-{variant.text}-{variant.fusion}-{side}"
-        return _embed_cached(cache, name, keys, lambda: embed.embed_items(frame, bundle, ecfg_v, texts=texts))
+        return _embed_cached(cache, name, frame["key"].tolist(), lambda: (
+            frame["key"].tolist(), features.fused(views[side], texts, variant.fusion, bundle, ecfg)))
 
     q, g = emb(queries, "q"), emb(gallery, "g")
     rerank, rerank_k = None, 0
     if variant.rerank:
-        rerank = embed.ITMReranker(bundle, data.text_of(queries, data.rerank_text), gallery, ecfg)
+        if views["g"].tokens is None:  # keep_tokens=False: a second pass for the gallery's tokens
+            views["g"] = features.view_features(gallery, bundle, ecfg, folder, f"{tag}-{view}-g", tokens=True)
+        rerank = features.TokenITMReranker(bundle, data.text_of(queries, data.rerank_text), views["g"], ecfg)
         rerank_k = int(cfg.rerank_k)
     res = score_items(q, g, queries, gallery, rerank=rerank, rerank_k=rerank_k, device=cfg.device)
     out = VariantResult(f"{model_name}/{variant.name}", model_name, variant, dict(res.metrics), res.per_query,
@@ -441,6 +446,8 @@ def run_all(variants: Sequence[Variant], models: Mapping[str, embed.ModelBundle]
     if official is not None:
         official.mkdir(parents=True, exist_ok=True)
     jobs = [(m, v) for m in MODEL_NAMES if m in models for v in variants]
+    if cfg.keep_tokens is None:  # one decode pass per view: keep tokens when any variant needs them
+        cfg = replace(cfg, keep_tokens=any(v.fusion == "cross" or v.rerank for v in variants))
     out = []
     for m, v in tqdm(jobs, desc="variants", disable=not cfg.progress):
         out.append(run_variant(v, m, models[m], data, cfg, cache, official))

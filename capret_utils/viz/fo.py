@@ -452,13 +452,14 @@ def set_image_values(dataset: "fo.Dataset", field: str, values: Mapping[str, Any
 
 
 def attach_results(dataset: "fo.Dataset", results: pd.DataFrame, variant: str, level: str = "item",
-                   key_column: str = "key") -> list[str]:
+                   key_column: str = "key", refresh: bool = True) -> list[str]:
     """Write a per-query results table into the dataset; returns the field names written.
 
     ``results`` has one row per query, ``key_column`` holding item keys (``level="item"``: written as detection
     attributes, visible in the ``query-items`` patches view) or image keys (``level="image"``: sample fields).
     Every other column ``c`` becomes ``result_field(variant, c)``, e.g. ``topk_keys`` (list), ``topk_scores``,
-    ``first_hit_rank``, ``hit_at_10``, ``ap``.
+    ``first_hit_rank``, ``hit_at_10``, ``ap``. ``refresh=False`` leaves the saved patches views stale (call
+    :func:`refresh_saved_views` once after writing several variants: refreshing per variant costs variants x views).
     """
     if level not in ("item", "image"):
         raise ValueError(f"level must be 'item' or 'image', got {level!r}")
@@ -479,7 +480,8 @@ def attach_results(dataset: "fo.Dataset", results: pd.DataFrame, variant: str, l
         else:
             set_image_values(dataset, field, values)
         fields.append(field)
-    refresh_saved_views(dataset)
+    if refresh:
+        refresh_saved_views(dataset)
     return fields
 
 
