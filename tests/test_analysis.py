@@ -348,3 +348,12 @@ def test_variant_table_intervals_and_paired_comparison(items):
     assert (gal["won"], gal["lost"]) == (4, 0) and gal["p_top1"] == pytest.approx(0.125)
     assert gal["delta_mAP"] == pytest.approx(gal["mAP"] - base["mAP"])
     assert gal["baseline"] == "fine-tuned/crop" and pd.isna(base.get("baseline"))
+
+
+def test_variants_that_cannot_run_are_listed_with_their_reason():
+    from capret_utils.evaluation import analysis as A
+
+    skipped = A.skipped_variants("all", have_dialogue=False)
+    assert {s["variant"] for s in skipped} == {n for n, v in A.VARIANTS.items() if v.text == "dialogue"}
+    assert all("captions_path" in s["reason"] for s in skipped)
+    assert A.skipped_variants("all", have_dialogue=True) == [] and A.skipped_variants("crop", False) == []

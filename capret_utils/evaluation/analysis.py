@@ -84,11 +84,20 @@ def text_source(variant: Variant, sources: Mapping[str, str]) -> str:
     return sources.get(variant.text, "oracle")
 
 
+def skipped_variants(spec: str, have_dialogue: bool = True) -> list[dict[str, str]]:
+    """The variants ``spec`` asks for that cannot run, each with its reason (listed in the notebook and in
+    ``metrics.json``, never dropped silently)."""
+    names = list(VARIANTS) if str(spec).strip() == "all" else [s.strip() for s in str(spec).split(",") if s.strip()]
+    return [{"variant": n, "reason": "no dialogue captions (captions_path is empty): run notebook 02 and pass its "
+             "captions.jsonl"} for n in names if n in VARIANTS and VARIANTS[n].text == "dialogue" and not have_dialogue]
+
+
 def select_variants(spec: str, have_dialogue: bool = True) -> list[Variant]:
     """``"all"`` or a comma list of :data:`VARIANTS` names; dialogue variants need dialogue captions.
 
-    Unknown names raise listing the valid ones; ``"all"`` silently drops the dialogue variants when there are no
-    dialogue captions, an explicit dialogue name without captions raises.
+    Unknown names raise listing the valid ones; ``"all"`` leaves the dialogue variants out when there are no
+    dialogue captions (:func:`skipped_variants` lists them with the reason), an explicit dialogue name without
+    captions raises.
     """
     names = [s.strip() for s in str(spec).split(",") if s.strip()]
     if not names:
