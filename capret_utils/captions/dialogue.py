@@ -36,7 +36,8 @@ QUESTION_INSTRUCTION = (
 )
 NEXT_QUESTION_INSTRUCTION = "Ask your next question. Avoid yes/no questions."
 SUMMARY_INSTRUCTION = (
-    "Now describe the garment in a few sentences, using only what my answers told you. Leave out questions "
+    "Now describe the garment in one or two sentences of at most 30 words, using only what my answers told you. "
+    "Leave out questions "
     "whose answer was 'no', 'not sure' or 'I don't know'. Do not add anything that was not said, and do not "
     "leave out anything that was."
 )

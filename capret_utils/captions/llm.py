@@ -40,14 +40,16 @@ class _PrefixState:
 
 @dataclass
 class LLMConfig:
-    """How :class:`ChatLLMQuestioner` loads and decodes (ChatCaptioner: 30 tokens per question, 100 per summary)."""
+    """How :class:`ChatLLMQuestioner` loads and decodes (ChatCaptioner: 30 tokens per question, 100 per summary;
+    here 40 per summary, asked for in at most 30 words: X2-VLM's text side keeps 30 words / 40 tokens, so a longer
+    summary would be cut before the model sees it — :func:`capret_utils.captions.length.truncation_report`)."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str | None = None  # None = bf16 on CUDA, fp32 on CPU
     load_in_4bit: bool = False  # NF4 + double quant via BitsAndBytesConfig (GPU; CPU only for tiny models)
     compute_dtype: str = "bfloat16"  # 4-bit compute dtype
     max_new_tokens: int = 30  # per question
-    summary_max_new_tokens: int = 100
+    summary_max_new_tokens: int = 40
     min_new_tokens: int = 0  # > 0 forces lengths (benchmarks, random test models)
     do_sample: bool = False  # greedy by default (deterministic, batch-invariant)
     temperature: float = 0.6  # only with do_sample (ChatCaptioner used 0.6)

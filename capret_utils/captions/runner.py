@@ -216,7 +216,7 @@ class CaptionSetup:
     view: str = "crop"
     device: str = "auto"
     question_tokens: int = 30
-    summary_tokens: int = 100
+    summary_tokens: int = 40  # the summary's budget: X2-VLM's text side keeps 30 words / 40 tokens
     answer_tokens: int = 20
     smoke: bool = False
     allow_oracle: bool = False  # with an empty vqa on data without attributes.jsonl: answer from the annotations
