@@ -616,3 +616,15 @@ def test_finetune_with_gradient_checkpointing_and_accumulation_runs(splits, tmp_
     assert not any(getattr(m, "gradient_checkpointing", False) is True for m in result.bundle.model.modules())
     epochs = result.history.loc[result.history["kind"] == "train", "epoch"].tolist()
     assert epochs == pytest.approx([2 / 5, 4 / 5])  # 18 smoke items: 5 micro-batches of 4 per epoch
+
+
+def test_evaluate_reports_95_percent_intervals(splits):
+    cfg = _cfg()
+    setup = train.prepare(cfg, splits[0])
+    res = train.evaluate(setup.bundle, splits[1], cfg)
+    head = train.headline(res)
+    assert head["top1_lo"] <= head["top1"] <= head["top1_hi"] and head["mAP_lo"] <= head["mAP"] <= head["mAP_hi"]
+    from capret_utils.evaluation import stats
+
+    n, hits = res["n_queries"], round(res["top1"] * res["n_queries"])
+    assert (head["top1_lo"], head["top1_hi"]) == pytest.approx(stats.wilson_interval([1] * hits + [0] * (n - hits)))

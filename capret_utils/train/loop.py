@@ -90,6 +90,11 @@ def evaluate(bundle: E.ModelBundle, items: pd.DataFrame, config: TrainConfig | N
                                  config=metrics.EvalConfig(progress=False, device="cpu"))
     out = {k: float(res.metrics[k]) for k in [f"top{k}" for k in EVAL_KS] + ["mAP"]}
     out["n_queries"], out["n_gallery"] = int(res.metrics["n_evaluated"]), int(res.metrics["n_gallery"])
+    if "hit@1" in res.per_query and "ap" in res.per_query:  # 95 % intervals: Wilson for hit@1, bootstrap for mAP
+        from capret_utils.evaluation import stats
+
+        out["top1_lo"], out["top1_hi"] = stats.wilson_interval(res.per_query["hit@1"])
+        out["mAP_lo"], out["mAP_hi"] = stats.bootstrap_interval(res.per_query["ap"], seed=0)
     if image_level:
         qi, gi = metrics.image_sets(items)
         _, qe = embed_images(qi, bundle, ecfg, store=store)
@@ -101,8 +106,11 @@ def evaluate(bundle: E.ModelBundle, items: pd.DataFrame, config: TrainConfig | N
 
 
 def headline(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The five numbers notebook 03 reports: top1, top5, top10, top20, mAP."""
-    return {k: float(metrics[k]) for k in HEADLINE}
+    """The five numbers notebook 03 reports (top1, top5, top10, top20, mAP) and, where :func:`evaluate` computed
+    them, the 95 % intervals of top1 (Wilson) and mAP (bootstrap over queries): ``top1_lo`` … ``mAP_hi``."""
+    out = {k: float(metrics[k]) for k in HEADLINE}
+    out.update({k: float(metrics[k]) for k in ("top1_lo", "top1_hi", "mAP_lo", "mAP_hi") if k in metrics})
+    return out
 
 
 # ------------------------------------------------------------------------------------------ optimisation

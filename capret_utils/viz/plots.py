@@ -302,15 +302,28 @@ def zero_shot_vs_finetuned(metrics: dict[str, dict[str, float]]) -> Figure:
     """Bar chart of the headline metrics per phase, e.g. ``{"zero_shot": {...}, "finetuned": {...}}``."""
     import seaborn as sns
 
+    bounds = ("_lo", "_hi")
     rows = [{"phase": phase, "metric": k, "value": float(v)} for phase, vals in metrics.items()
-            for k, v in vals.items() if isinstance(v, (int, float))]
+            for k, v in vals.items() if isinstance(v, (int, float)) and not k.endswith(bounds)]
     frame = pd.DataFrame(rows)
     fig, axes = _figure(8, 3.5)
     ax = axes[0, 0]
     sns.barplot(data=frame, x="metric", y="value", hue="phase", ax=ax)
     for container in ax.containers:
         ax.bar_label(container, fmt="%.2f", fontsize=7, padding=2)
-    ax.set(ylim=(0, 1.05), ylabel="", xlabel="", title="Item-level retrieval on validation")
+    # 95 % intervals where the metrics carry them (top1: Wilson, mAP: bootstrap over queries)
+    order = list(dict.fromkeys(frame["metric"]))
+    phases = list(dict.fromkeys(frame["phase"]))
+    width = 0.8 / max(1, len(phases))
+    for j, phase in enumerate(phases):
+        for i, name in enumerate(order):
+            lo, hi = metrics[phase].get(f"{name}_lo"), metrics[phase].get(f"{name}_hi")
+            if lo is None or hi is None:
+                continue
+            x = i - 0.4 + width * (j + 0.5)
+            ax.errorbar([x], [metrics[phase][name]], yerr=[[metrics[phase][name] - lo], [hi - metrics[phase][name]]],
+                        fmt="none", ecolor="black", capsize=3, lw=1)
+    ax.set(ylim=(0, 1.05), ylabel="", xlabel="", title="Item-level retrieval (bars: 95 % intervals)")
     return fig
 
 
