@@ -359,6 +359,20 @@ def load_attributes(split_dirs: str | os.PathLike | Iterable[str | os.PathLike])
     return out
 
 
+def describe_text(category: str | None, colour: str | None, pattern: str | None,
+                  pattern_colour: str | None) -> str:
+    """The answer to the first ("describe") question from its parts: ``"a navy skirt with white stripes"``.
+    Missing parts (``None``, "no", "I don't know") are left out; a ``solid`` pattern is not mentioned."""
+    def known(x: str | None) -> str | None:
+        return x if x and _norm(x) not in ("no", _norm(NO_ANSWER)) else None
+
+    colour, pattern, pc = known(colour), known(pattern), known(pattern_colour)
+    text = _with_article(" ".join(w for w in (colour, known(category) or "garment") if w))
+    if pattern and pattern != "solid":
+        text += f" with {pc + ' ' if pc else ''}{pattern}"
+    return text
+
+
 class AttributeAnswerer:
     """Answers from ground truth: the items table row (category, viewpoint, occlusion, scale, zoom) and the
     synthetic benchmark's ``attributes.jsonl`` (colour, pattern, pattern colour); "I don't know" otherwise.
@@ -380,11 +394,8 @@ class AttributeAnswerer:
 
     def describe(self, row: Mapping[str, Any]) -> str:
         attrs = self.attributes.get(str(row.get("key")), {})
-        colour, pattern, pc = attrs.get("colour"), attrs.get("pattern"), attrs.get("pattern_colour")
-        text = _with_article(" ".join(w for w in (colour, row.get("category_name") or "garment") if w))
-        if pattern and pattern != "solid":
-            text += f" with {pc + ' ' if pc else ''}{pattern}"
-        return text
+        return describe_text(row.get("category_name"), attrs.get("colour"), attrs.get("pattern"),
+                             attrs.get("pattern_colour"))
 
     def answer_one(self, row: Mapping[str, Any], question: str) -> str:
         topic = question_topic(question)

@@ -6,15 +6,23 @@ is an oracle: the query photo does not give it its answers. This module owns the
 
 * :func:`vqa_triples` — every **train** item × every question the scripted questioner asks (the fixed first
   question + :data:`~capret_utils.captions.dialogue.DEFAULT_QUESTIONS`), answered from the ground truth; the
-  candidate answer list is the set of those answers (train only, sorted);
+  candidate answer list is the set of those answers (train only, sorted), and each question topic keeps its own
+  list (:func:`topic_answer_lists`: 13 categories, 16 colours, … on the synthetic benchmark);
 * :func:`train_pixel_vqa` — the demo X2-VLM (``PRESETS["demo"]``: random weights, as notebook 03's demo starts;
   there are no hub weights offline and 02 runs before 03 trains a retrieval checkpoint) turned into an
   :class:`~capret_utils.x2vlm.vqa.X2VLMForVQA` by the official initialisation (decoder from the fusion layers),
   then fine-tuned end to end (the encoder is random, so it must learn to see) with the official loss on item
-  crops (GT box + :data:`~capret_utils.data.boxes.CROP_CONTEXT`, square-resized, random horizontal flip);
+  crops (GT box + :data:`~capret_utils.data.boxes.CROP_CONTEXT`, square-resized, random horizontal flip), on the
+  questions whose topic has more than one train answer — not on the first ("describe") question, whose ~1,000
+  train answers are combinations of the category / colour / pattern / pattern-colour answers;
   cached in ``<cache_dir>/x2vlm-vqa-<hash>/`` (model, tokenizer, answer list, training record) and re-used;
 * :class:`PixelAnswerer` — the :class:`~capret_utils.captions.dialogue.Answerer`: ``rank_answer`` over the
-  answer list for each (crop, question); it sees only pixels and the question (dialogue records name it
+  question topic's answer list, every candidate scored (``k`` = the list's length, so the first-token shortlist
+  cuts nothing); a topic with a single train answer (material: "I don't know") gets it without a model call; the
+  describe question is answered by asking the model the category, colour, pattern and pattern-colour questions
+  and composing them (:func:`~capret_utils.captions.dialogue.describe_text`, the ground truth's own format). A
+  question of an unknown topic (or an answerer folder without ``topic_answers.json``, e.g. an official VQA file)
+  ranks the whole list with the official ``k_test`` shortlist. It sees only pixels and the question (records name it
   ``x2vlm-vqa:...``, so :func:`~capret_utils.captions.store.dialogue_source` labels its captions ``pixel``).
 
 Bad input: an empty question or a view without an image raises ``ValueError`` naming the item; a training
@@ -27,9 +35,10 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -40,6 +49,8 @@ from capret_utils.captions.dialogue import (
     AttributeAnswerer,
     GenerationStats,
     Turn,
+    describe_text,
+    question_topic,
 )
 from capret_utils.captions.views import ItemView, load_views
 from capret_utils.data.boxes import CROP_CONTEXT
@@ -47,6 +58,9 @@ from capret_utils.data.boxes import CROP_CONTEXT
 PIXEL_VQA = {"x2vlm-demo": "demo"}
 """``vqa`` names that train a pixel answerer on the train split -> the X2-VLM preset it starts from."""
 MODEL_DIR, ANSWERS_FILE, RECORD_FILE = "model", "answer_list.json", "training.json"
+TOPICS_FILE = "topic_answers.json"
+COMPOSED = {"describe": ("category", "colour", "pattern", "pattern_colour")}
+"""Topics answered by composing the answerer's own answers to other topics (in ``describe_text``'s order)."""
 
 
 @dataclass
@@ -56,13 +70,13 @@ class PixelVQAConfig:
     preset: str = "demo"  # X2-VLM architecture (capret_utils.x2vlm.PRESETS), random weights seeded by `seed`
     steps: int = 500  # optimiser steps
     batch_size: int = 32  # crops per step
-    questions_per_crop: int = 4  # questions drawn (without replacement) per crop and step, of the 12 asked
+    questions_per_crop: int = 4  # questions drawn (without replacement) per crop and step, of the trained ones
     lr: float = 1e-3  # AdamW peak learning rate, linear warm-up over the first 5 % of steps, then linear decay
     weight_decay: float = 0.01  # AdamW weight decay
     seed: int = 0  # weights, crop sampling and flips
     threads: int = 2  # torch intra-op threads while training (CPU)
     context: float = CROP_CONTEXT  # context around the item box, fraction of box width / height per side
-    k_test: int = 128  # rank_answer: candidates kept by first-token probability (official k_test)
+    k_test: int = 128  # rank_answer: first-token shortlist for questions outside the per-topic lists (official)
     vocab_size: int = 512  # WordPiece vocabulary trained on the questions, answers and the fashion corpus
     answer_batch: int = 64  # crops per rank_answer call when answering
 
@@ -88,6 +102,17 @@ def vqa_triples(items: pd.DataFrame, attributes: Mapping[str, Mapping[str, Any]]
                          "answer": oracle.answer_one(row, q)})
     triples = pd.DataFrame(rows, columns=["key", "question", "topic", "answer"])
     return triples, sorted(set(triples["answer"]))
+
+
+def topic_answer_lists(triples: pd.DataFrame) -> dict[str, list[str]]:
+    """``{topic: sorted answers}`` of the train triples, composed topics (describe) left out."""
+    kept = triples[~triples["topic"].isin(list(COMPOSED))]
+    return {str(t): sorted(set(g["answer"])) for t, g in kept.groupby("topic")}
+
+
+def trained_questions(questions: Sequence[str], topics: Mapping[str, Sequence[str]]) -> list[str]:
+    """The questions the model is trained on: those whose topic has two or more train answers."""
+    return [q for q in questions if len(topics.get(question_topic(q) or "other", ())) > 1]
 
 
 def _hash(*parts: Any) -> str:
@@ -120,7 +145,11 @@ def build_vqa_tokenizer(questions: Sequence[str], answers: Sequence[str], vocab_
     """The offline WordPiece vocabulary (compact special ids, as the demo preset) over the fashion caption
     corpus, the category names, the questions and the answers."""
     from capret_utils.data.df2 import CATEGORY_NAMES
-    from capret_utils.x2vlm import COMPACT_SPECIAL_IDS, build_wordpiece_tokenizer, fashion_caption_corpus
+    from capret_utils.x2vlm import (
+        COMPACT_SPECIAL_IDS,
+        build_wordpiece_tokenizer,
+        fashion_caption_corpus,
+    )
 
     corpus = fashion_caption_corpus() + list(CATEGORY_NAMES.values()) + list(questions) + list(answers)
     return build_wordpiece_tokenizer(corpus, vocab_size, special_ids=COMPACT_SPECIAL_IDS)
@@ -132,7 +161,12 @@ def train_pixel_vqa(train_items: pd.DataFrame, attributes: Mapping[str, Mapping[
     ``(model, tokenizer, answer_list, record)`` (record: seconds, steps, final loss, sizes)."""
     import torch
 
-    from capret_utils.x2vlm import X2VLMConfig, X2VLMImageProcessor, X2VLMModel, check_tokenizer
+    from capret_utils.x2vlm import (
+        X2VLMConfig,
+        X2VLMImageProcessor,
+        X2VLMModel,
+        check_tokenizer,
+    )
     from capret_utils.x2vlm.vqa import X2VLMForVQA
 
     cfg = config or PixelVQAConfig()
@@ -142,13 +176,16 @@ def train_pixel_vqa(train_items: pd.DataFrame, attributes: Mapping[str, Mapping[
     if bad:
         raise ValueError(f"train_pixel_vqa trains on the train split only; items table has splits {bad}")
     started = time.perf_counter()
-    questions = dialogue_questions()
-    triples, answer_list = vqa_triples(train_items, attributes, questions)
+    triples, _ = vqa_triples(train_items, attributes, dialogue_questions())
+    topics = topic_answer_lists(triples)
+    answer_list = sorted({a for answers in topics.values() for a in answers})
+    questions = trained_questions(dialogue_questions(), topics)
+    triples = triples[triples["question"].isin(questions)].reset_index(drop=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
         torch.manual_seed(cfg.seed)
-        tokenizer = build_vqa_tokenizer(questions, answer_list, cfg.vocab_size)
+        tokenizer = build_vqa_tokenizer(dialogue_questions(), answer_list, cfg.vocab_size)
         base = X2VLMModel(X2VLMConfig.preset(cfg.preset))
         check_tokenizer(base.config, tokenizer)
         model, _ = X2VLMForVQA.from_x2vlm(base, k_test=cfg.k_test)
@@ -162,6 +199,8 @@ def train_pixel_vqa(train_items: pd.DataFrame, attributes: Mapping[str, Mapping[
         n_q = len(questions)
         # target answer id of (item i, question j)
         target = torch.tensor(triples["answer"].map(answer_index).to_numpy(), dtype=torch.long).view(len(rows), n_q)
+        if list(triples["key"].iloc[::n_q]) != [str(r["key"]) for r in rows]:
+            raise RuntimeError("vqa_triples: rows are not item-major in items-table order")
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         warm = max(1, cfg.steps // 20)
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -199,6 +238,7 @@ def train_pixel_vqa(train_items: pd.DataFrame, attributes: Mapping[str, Mapping[
     record = {"seconds": time.perf_counter() - started, "load_seconds": load_s, "steps": cfg.steps,
               "final_loss": float(np.mean(losses[-20:])), "first_loss": losses[0], "train_items": len(rows),
               "triples": len(triples), "answers": len(answer_list), "questions": questions,
+              "topic_answers": topics,
               "config": asdict(cfg), "init": f"random {cfg.preset} preset (seed {cfg.seed}), official VQA "
                                                f"decoder initialisation from its fusion layers"}
     return model, tokenizer, answer_list, record
@@ -213,7 +253,7 @@ def load_or_train(root: str | os.PathLike, cache_dir: str | os.PathLike, config:
 
     cfg = config or PixelVQAConfig()
     train_dir = paths.split_dir(root, "train")
-    folder = Path(cache_dir) / f"x2vlm-vqa-{_hash(asdict(cfg), _train_fingerprint(train_dir), 1)}"
+    folder = Path(cache_dir) / f"x2vlm-vqa-{_hash(asdict(cfg), _train_fingerprint(train_dir), 2)}"
     if (folder / RECORD_FILE).is_file():
         return folder
     attributes = load_attributes(train_dir)
@@ -226,6 +266,7 @@ def load_or_train(root: str | os.PathLike, cache_dir: str | os.PathLike, config:
     model.save_pretrained(tmp / MODEL_DIR)
     tokenizer.save_pretrained(tmp / MODEL_DIR)
     (tmp / ANSWERS_FILE).write_text(json.dumps(answers, indent=1))
+    (tmp / TOPICS_FILE).write_text(json.dumps(record["topic_answers"], indent=1))
     (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1))
     if folder.exists():
         import shutil
@@ -242,19 +283,41 @@ class PixelAnswerer:
 
     def __init__(self, folder: str | os.PathLike, device: str = "cpu", context: float = CROP_CONTEXT,
                  batch: int = 64, name: str | None = None) -> None:
-        from capret_utils.x2vlm import X2VLMImageProcessor, X2VLMTokenizer
         from capret_utils.x2vlm.vqa import X2VLMForVQA
 
         folder = Path(folder)
-        self.model = X2VLMForVQA.from_pretrained(folder / MODEL_DIR).to(device).eval()
-        self.tokenizer = X2VLMTokenizer.from_pretrained(folder / MODEL_DIR)
-        self.answer_list = json.loads((folder / ANSWERS_FILE).read_text())
-        if not self.answer_list or not all(isinstance(a, str) and a for a in self.answer_list):
-            raise ValueError(f"{folder / ANSWERS_FILE}: expected a non-empty list of non-empty answer strings")
+        answers = json.loads((folder / ANSWERS_FILE).read_text())
+        topics = json.loads((folder / TOPICS_FILE).read_text()) if (folder / TOPICS_FILE).is_file() else None
         self.record = json.loads((folder / RECORD_FILE).read_text()) if (folder / RECORD_FILE).is_file() else {}
+        self._setup(X2VLMForVQA.from_pretrained(folder / MODEL_DIR), _load_tokenizer(folder / MODEL_DIR), answers,
+                    topics, device, context, batch, name or f"x2vlm-vqa:{folder.name}", folder / ANSWERS_FILE)
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, answer_list: Sequence[str],
+                   topic_answers: Mapping[str, Sequence[str]] | None = None, device: str = "cpu",
+                   context: float = CROP_CONTEXT, batch: int = 64, name: str = "x2vlm-vqa") -> PixelAnswerer:
+        """An answerer around a loaded model (e.g. :meth:`~capret_utils.x2vlm.vqa.X2VLMForVQA.from_official`)."""
+        self = cls.__new__(cls)
+        self.record = {}
+        self._setup(model, tokenizer, list(answer_list), topic_answers, device, context, batch, name, "answer_list")
+        return self
+
+    def _setup(self, model: Any, tokenizer: Any, answers: list, topics: Mapping[str, Sequence[str]] | None,
+               device: str, context: float, batch: int, name: str, source: Any) -> None:
+        from capret_utils.x2vlm import X2VLMImageProcessor
+
+        if not answers or not all(isinstance(a, str) and a for a in answers):
+            raise ValueError(f"{source}: expected a non-empty list of non-empty answer strings")
+        self.model, self.tokenizer, self.answer_list = model.to(device).eval(), tokenizer, list(answers)
+        index = {a: i for i, a in enumerate(self.answer_list)}
+        self.topic_ids: dict[str, list[int]] = {}
+        for topic, cands in (topics or {}).items():
+            missing = [a for a in cands if a not in index]
+            if missing or not cands:
+                raise ValueError(f"{source}: topic {topic!r} lists answers not in the answer list: {missing[:5]}")
+            self.topic_ids[str(topic)] = [index[a] for a in cands]
         self.processor = X2VLMImageProcessor.for_config(self.model.config)
-        self.device, self.context, self.batch = device, context, batch
-        self.name = name or f"x2vlm-vqa:{folder.name}"
+        self.device, self.context, self.batch, self.name = device, context, batch, name
         enc = self.tokenizer(self.answer_list)
         self._answers = (enc["input_ids"].to(device), enc["attention_mask"].to(device))
         self.stats = GenerationStats()
@@ -266,8 +329,12 @@ class PixelAnswerer:
         return torch.stack([torch.from_numpy(self.processor.to_array(im.resize((res, res), resample=3)))
                             for im in images]).to(self.device)
 
+    def _candidates(self, question: str) -> list[int] | None:
+        """Answer-list ids a question is ranked over (its topic's list), ``None`` = the whole list (k_test)."""
+        return self.topic_ids.get(question_topic(question) or "other") if self.topic_ids else None
+
     def rank(self, images: Sequence[Any], questions: Sequence[str], keys: Sequence[str] | None = None):
-        """``(top answer ids, their probabilities)`` for each (image, question) pair."""
+        """``(top answer ids, their probabilities)`` for each (image, question) pair; ids index ``answer_list``."""
         import torch
 
         keys = list(keys or [f"#{i}" for i in range(len(images))])
@@ -277,21 +344,72 @@ class PixelAnswerer:
                                  f"build views with load_views(with_images=True))")
             if not isinstance(q, str) or not q.strip():
                 raise ValueError(f"item {key}: empty question; the pixel answerer needs a question")
-        ids, probs = [], []
+        ids, probs = [0] * len(images), [1.0] * len(images)
+        cands = [self._candidates(q) for q in questions]
+        todo = [i for i, c in enumerate(cands) if c is None or len(c) > 1]
+        for i, c in enumerate(cands):
+            if c is not None and len(c) == 1:
+                ids[i] = c[0]  # one train answer for the topic: no model call
         started = time.perf_counter()
         with torch.inference_mode():
-            for s in range(0, len(images), self.batch):
-                enc = self.tokenizer(list(questions[s:s + self.batch]))
+            for s in range(0, len(todo), self.batch):
+                part = todo[s:s + self.batch]
+                enc = self.tokenizer([questions[i] for i in part])
                 mask = enc["attention_mask"].to(self.device)
-                states = self.model.question_states(self._pixels(images[s:s + self.batch]),
+                states = self.model.question_states(self._pixels([images[i] for i in part]),
                                                     enc["input_ids"].to(self.device), mask)
-                top, p = self.model.rank_answer(states, mask, *self._answers)
-                ids.append(top[:, 0].cpu())
-                probs.append(p[:, 0].cpu())
-        self.stats.add(GenerationStats(calls=1, sequences=len(images), seconds=time.perf_counter() - started))
-        return torch.cat(ids).tolist(), torch.cat(probs).tolist()
+                groups: dict[Any, list[int]] = {}
+                for j, i in enumerate(part):
+                    groups.setdefault(tuple(cands[i]) if cands[i] is not None else None, []).append(j)
+                for group, rows in groups.items():
+                    sel = torch.tensor(rows, device=self.device)
+                    if group is None:
+                        top, p = self.model.rank_answer(states[sel], mask[sel], *self._answers)
+                        top, p = top[:, 0], p[:, 0]
+                    else:
+                        cid = torch.tensor(group, device=self.device)
+                        top, p = self.model.rank_answer(states[sel], mask[sel], self._answers[0][cid],
+                                                        self._answers[1][cid], k=len(group))
+                        top, p = cid[top[:, 0]], p[:, 0]
+                    for j, t, pr in zip(rows, top.tolist(), p.tolist()):
+                        ids[part[j]], probs[part[j]] = int(t), float(pr)
+        self.stats.add(GenerationStats(calls=1, sequences=len(todo), seconds=time.perf_counter() - started))
+        return ids, probs
 
     def answer(self, views: Sequence[ItemView], questions: Sequence[str],
                histories: Sequence[Sequence[Turn]] | None = None) -> list[str]:
-        ids, _ = self.rank([v.image for v in views], questions, [v.key for v in views])
-        return [self.answer_list[i] for i in ids]
+        if len(views) != len(questions):
+            raise ValueError(f"{len(views)} views but {len(questions)} questions")
+        # (pair index, part topic or None, question) of every model question: the asked ones, and for a composed
+        # (describe) question the questions of its parts
+        asks: list[tuple[int, str | None, str]] = []
+        composed: dict[int, tuple[str, ...]] = {}
+        for i, q in enumerate(questions):
+            topic = question_topic(q) if isinstance(q, str) else None
+            if self.topic_ids and topic in COMPOSED and all(t in self.topic_ids for t in COMPOSED[topic]):
+                composed[i] = COMPOSED[topic]
+                asks += [(i, t, _TOPIC_QUESTION[t]) for t in composed[i]]
+            else:
+                asks.append((i, None, q))
+        ids, _ = self.rank([views[i].image for i, _, _ in asks], [q for _, _, q in asks],
+                           [views[i].key for i, _, _ in asks])
+        out: list[str] = [""] * len(views)
+        parts: dict[int, dict[str, str]] = {}
+        for (i, t, _), a in zip(asks, ids):
+            if t is None:
+                out[i] = self.answer_list[a]
+            else:
+                parts.setdefault(i, {})[t] = self.answer_list[a]
+        for i, part_topics in composed.items():
+            out[i] = describe_text(*(parts[i][t] for t in part_topics))
+        return out
+
+
+def _load_tokenizer(folder: Path):
+    from capret_utils.x2vlm import X2VLMTokenizer
+
+    return X2VLMTokenizer.from_pretrained(folder)
+
+
+_TOPIC_QUESTION = {question_topic(q): q for q in dialogue_questions()}
+"""The scripted question of each topic (the composed describe answer asks these)."""
