@@ -5,7 +5,8 @@ Trains :func:`capret_utils.captions.pixel.load_or_train` into a fresh temporary 
 one), then scores :func:`capret_utils.captions.answer_accuracy` on the user items of ``--split`` against its
 ``attributes.jsonl``. Targets (issue 27): category >= 0.85, colour >= 0.75; reported whether met or not.
 
-The GPU estimate is derived, not measured (no GPU here): the forward matmul FLOPs of answering one item (every
+``training_cpu_seconds`` is the process's CPU time (both threads): on a shared, loaded machine it, not the wall
+time, says what training costs. The GPU estimate is derived, not measured (no GPU here): the forward matmul FLOPs of answering one item (every
 scripted question; ``rank_answer`` with ``k_test`` 128), counted analytically for the official VQA architecture
 (X2-VLM base, 768 px, 6 decoder layers; :func:`flops_per_item`), divided by an assumed sustained throughput (``--gpu-tflops``, default 200 bf16 TFLOP/s: about 20 % of an
 H100/H200's dense peak, typical for batched ViT inference).
@@ -74,6 +75,10 @@ def main() -> None:
     ap.add_argument("--data-root", default="", help="DeepFashion2-format root with attributes.jsonl (default: synthetic)")
     ap.add_argument("--split", default="test", help="split whose user crops are scored")
     ap.add_argument("--steps", type=int, default=PixelVQAConfig.steps, help="training steps")
+    ap.add_argument("--batch-size", type=int, default=PixelVQAConfig.batch_size, help="crops per training step")
+    ap.add_argument("--questions-per-crop", type=int, default=PixelVQAConfig.questions_per_crop,
+                    help="questions per crop and step")
+    ap.add_argument("--lr", type=float, default=PixelVQAConfig.lr, help="AdamW peak learning rate")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (training and answering)")
     ap.add_argument("--max-items", type=int, default=0, help="score at most this many user items (0: all)")
     ap.add_argument("--cache", default="", help="answerer cache folder (default: a fresh temporary one)")
@@ -84,10 +89,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     root = paths.data_root(args.data_root or None)
     cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="bench-vqa-"))
-    config = PixelVQAConfig(steps=args.steps, threads=args.threads)
-    started = time.perf_counter()
+    config = PixelVQAConfig(steps=args.steps, threads=args.threads, batch_size=args.batch_size,
+                            questions_per_crop=args.questions_per_crop, lr=args.lr)
+    started, cpu = time.perf_counter(), time.process_time()
     folder = load_or_train(root, cache, config, progress=False)
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     answerer = PixelAnswerer(folder)
     items = load_split_items(root, args.split)
     items = select_items(items[items["source"] == "user"].reset_index(drop=True), args.max_items)
@@ -98,7 +104,8 @@ def main() -> None:
     out = {
         "data_root": str(root), "split": args.split, "threads": args.threads, "answerer": str(folder),
         "training": {k: v for k, v in answerer.record.items() if k not in ("questions",)},
-        "training_seconds_wall": wall,
+        "training_seconds_wall": wall, "training_cpu_seconds": cpu,
+        "load_average_1min": os.getloadavg()[0],
         "answer_accuracy": acc,
         "n": {t: int(n) for t, n in quality.by_topic["n"].items()},
         "truth_outside_list": {t: int(n) for t, n in quality.by_topic["truth_outside_list"].items()},

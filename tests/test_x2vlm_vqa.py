@@ -318,3 +318,85 @@ def test_caption_setup_pixel_answerer_labels_captions_pixel(smoke_root, tmp_path
     records = store.read()
     assert len(records) == 4 and all(len(d) == 3 for d in records["dialogue"])
     assert dialogue_source(str(tmp_path)) == "pixel"
+
+
+def _official_vqa_file(folder, fixture_state, answers=None):
+    """The tiny official-format VQA fixture as a file (+ a BERT vocab.txt of its 120 ids, + answer_list.json)."""
+    import json
+
+    words = ["red", "blue", "skirt", "top", "no", "stripes", "dots", "long", "short", "sleeves", "what", "colour",
+             "is", "the", "garment", "?"]
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+    assert len(vocab) == 120
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    torch.save({"model": fixture_state, "config": {"text_num_attention_heads": 4}}, folder / "vqa.th")
+    if answers is not None:
+        (folder / "answer_list.json").write_text(json.dumps(answers))
+    return folder / "vqa.th"
+
+
+def test_official_vqa_file_as_caption_answerer(fixture_state, tmp_path, smoke_root):
+    from capret_utils.captions import CaptionSetup, build_captioner
+    from capret_utils.captions.pixel import df2_topic_answers, load_official_answerer
+    from capret_utils.captions.views import load_views
+    from capret_utils.data import df2
+
+    rows = df2.load_items(smoke_root / "test").head(2).to_dict("records")
+    views = load_views(rows, "crop")
+    # answer_list.json next to the file: the official ranking over the whole list
+    with_list = tmp_path / "list"
+    with_list.mkdir()
+    path = _official_vqa_file(with_list, fixture_state, ["red", "blue", "long sleeves"])
+    cap = build_captioner(CaptionSetup(captioner="dialogue", vqa=str(path), device="cpu"), {})
+    answerer = cap.answerer
+    assert answerer.name == "x2vlm-vqa:vqa.th" and answerer.answer_list == ["red", "blue", "long sleeves"]
+    assert not answerer.topic_ids
+    answers = answerer.answer(views, ["what is the colour?"] * 2)
+    assert all(a in answerer.answer_list for a in answers)
+    # no answer list: the DeepFashion2 vocabulary, per topic; describe is composed from its parts
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    answerer = load_official_answerer(_official_vqa_file(bare, fixture_state))
+    topics = df2_topic_answers()
+    colour, category, describe = answerer.answer(views[:1] * 3, ["What is the main colour of the garment?",
+                                                                 "What type of garment is this?",
+                                                                 "Describe this image in detail."])
+    assert colour in topics["colour"] and category in topics["category"]
+    assert colour in describe and category in describe
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "answer_list.json").write_text('{"a": 1}')
+    _official_vqa_file(bad, fixture_state)
+    with pytest.raises(ValueError, match="answer_list.json: expected a JSON list"):
+        load_official_answerer(bad / "vqa.th")
+    with pytest.raises(FileNotFoundError, match="official X2-VLM VQA checkpoint not found"):
+        load_official_answerer(tmp_path / "missing.th")
+
+
+def test_pixel_answerer_ranks_within_the_question_topic(smoke_root, pixel_folder):
+    from capret_utils.captions import load_attributes
+    from capret_utils.captions.dialogue import describe_text
+    from capret_utils.captions.pixel import PixelAnswerer
+    from capret_utils.captions.views import load_views
+    from capret_utils.data import df2
+
+    answerer = PixelAnswerer(pixel_folder)
+    topics = answerer.record["topic_answers"]
+    assert "describe" not in topics and "describe" not in " ".join(answerer.record["questions"]).lower()
+    rows = df2.load_items(smoke_root / "test").head(3).to_dict("records")
+    views = load_views(rows, "crop")
+    qs = ["What is the main colour of the garment?", "What type of garment is this?",
+          "What material is the garment made of?"]
+    for q, topic in zip(qs, ["colour", "category", "other"]):
+        assert all(a in topics[topic] for a in answerer.answer(views, [q] * 3))
+    parts = [answerer.answer(views, [q] * 3) for q in ["What type of garment is this?",
+                                                       "What is the main colour of the garment?",
+                                                       "What pattern does the garment have?",
+                                                       "What colour is the pattern?"]]
+    assert answerer.answer(views, ["Describe this image in detail."] * 3) == [
+        describe_text(*p) for p in zip(*parts)]
+    attrs = load_attributes(smoke_root / "test")
+    row = rows[0]
+    a = attrs[row["key"]]
+    assert describe_text(row["category_name"], a["colour"], a["pattern"], a.get("pattern_colour")) == \
+        __import__("capret_utils.captions", fromlist=["AttributeAnswerer"]).AttributeAnswerer(attrs).describe(row)

@@ -299,7 +299,8 @@ class PixelAnswerer:
         """An answerer around a loaded model (e.g. :meth:`~capret_utils.x2vlm.vqa.X2VLMForVQA.from_official`)."""
         self = cls.__new__(cls)
         self.record = {}
-        self._setup(model, tokenizer, list(answer_list), topic_answers, device, context, batch, name, "answer_list")
+        self._setup(model, tokenizer, list(answer_list), topic_answers, device, context, batch, name,
+                    f"{name}: answer_list")
         return self
 
     def _setup(self, model: Any, tokenizer: Any, answers: list, topics: Mapping[str, Sequence[str]] | None,
@@ -413,3 +414,56 @@ def _load_tokenizer(folder: Path):
 
 _TOPIC_QUESTION = {question_topic(q): q for q in dialogue_questions()}
 """The scripted question of each topic (the composed describe answer asks these)."""
+
+
+OFFICIAL_SUFFIXES = (".th", ".pth", ".pt", ".bin")
+"""``vqa`` values ending in these name an official X2-VLM VQA checkpoint file (:func:`load_official_answerer`)."""
+
+
+def df2_topic_answers() -> dict[str, list[str]]:
+    """A closed answer vocabulary per question topic for data without a train answer list: the 13 DeepFashion2
+    category names, the ground-truth answerer's phrases for sleeves / worn / viewpoint / occlusion / scale / zoom,
+    and the synthetic benchmark's colour and pattern words (DeepFashion2 has no colour labels)."""
+    from capret_utils.captions import dialogue as d
+    from capret_utils.data.df2 import CATEGORY_NAMES
+    from capret_utils.data.synth_spec import COLOURS, PATTERNS
+
+    def phrases(table: Mapping[int, str | None], extra: Sequence[str] = ()) -> list[str]:
+        return sorted({v for v in table.values() if v} | set(extra))
+
+    return {"category": sorted(CATEGORY_NAMES.values()), "colour": sorted(COLOURS), "pattern": sorted(PATTERNS),
+            "pattern_colour": sorted(set(COLOURS) | {"no"}), "sleeve": phrases(d._SLEEVES, ["no"]),
+            "worn": phrases(d._WORN), "viewpoint": phrases(d._VIEW), "occlusion": phrases(d._OCCLUSION),
+            "scale": phrases(d._SCALE), "zoom": phrases(d._ZOOM), "other": [d.NO_ANSWER]}
+
+
+def load_official_answerer(path: str | os.PathLike, device: str = "cpu", image_res: int | None = None,
+                           text_num_attention_heads: int | None = None, trust_checkpoint: bool = False,
+                           tokenizer: str = "") -> PixelAnswerer:
+    """A :class:`PixelAnswerer` around an official X2-VLM VQA file (``XVLMForVQA``, loaded key-exactly by
+    :meth:`~capret_utils.x2vlm.vqa.X2VLMForVQA.from_official`).
+
+    Answer list: ``answer_list.json`` next to the file (the official VQA release's list; ranked as the official
+    code does, first-token shortlist of ``k_test``), else :func:`df2_topic_answers` (per-topic lists, every
+    candidate scored). Tokenizer: ``tokenizer`` if given, else ``vocab.txt`` next to the file, else
+    ``bert-base-uncased`` (the official one; needs the hub or its cache).
+    """
+    from capret_utils.x2vlm import X2VLMTokenizer
+    from capret_utils.x2vlm.vqa import X2VLMForVQA
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"vqa={str(path)!r}: official X2-VLM VQA checkpoint not found")
+    model = X2VLMForVQA.from_official(path, text_num_attention_heads=text_num_attention_heads,
+                                      image_res=image_res, trust_checkpoint=trust_checkpoint)
+    name = tokenizer or (str(path.parent) if (path.parent / "vocab.txt").is_file() else "bert-base-uncased")
+    tok = X2VLMTokenizer.from_pretrained(name)
+    answers_file = path.parent / ANSWERS_FILE
+    if answers_file.is_file():
+        answers = json.loads(answers_file.read_text())
+        if not isinstance(answers, list):
+            raise ValueError(f"{answers_file}: expected a JSON list of answer strings, got {type(answers).__name__}")
+        return PixelAnswerer.from_model(model, tok, answers, None, device, name=f"x2vlm-vqa:{path.name}")
+    topics = df2_topic_answers()
+    answers = sorted({a for cands in topics.values() for a in cands})
+    return PixelAnswerer.from_model(model, tok, answers, topics, device, name=f"x2vlm-vqa:{path.name}")

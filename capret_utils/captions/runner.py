@@ -27,7 +27,14 @@ from capret_utils.captions.dialogue import (
     TemplateCaptioner,
 )
 from capret_utils.captions.llm import ChatLLMQuestioner, LLMConfig
-from capret_utils.captions.pixel import PIXEL_VQA, PixelAnswerer, PixelVQAConfig, load_or_train
+from capret_utils.captions.pixel import (
+    OFFICIAL_SUFFIXES,
+    PIXEL_VQA,
+    PixelAnswerer,
+    PixelVQAConfig,
+    load_official_answerer,
+    load_or_train,
+)
 from capret_utils.captions.store import CaptionStore, merged_records, shard_path, store_shards
 from capret_utils.captions.template import _require_columns, template_caption
 from capret_utils.captions.tiny import build_tiny_models
@@ -203,7 +210,9 @@ class CaptionSetup:
     :class:`AttributeAnswerer`; ``"tiny"`` = the random tiny Phi-3 / BLIP from :func:`build_tiny_models`
     (``"tiny-blip2"`` for BLIP-2); ``"x2vlm-demo"`` = the pixel answerer (:mod:`capret_utils.captions.pixel`: the
     demo X2-VLM VQA model trained on the train split of ``data_root``, cached under ``model_dir``; its captions are
-    labelled ``pixel``). In smoke mode an empty ``llm`` / ``vqa`` means ``"tiny"`` and the dialogue is
+    labelled ``pixel``); a path ending in ``.th`` / ``.pth`` / ``.pt`` / ``.bin`` = an official X2-VLM VQA checkpoint
+    (:func:`~capret_utils.captions.pixel.load_official_answerer`: answer list from ``answer_list.json`` next to it,
+    else the DeepFashion2 vocabulary; also labelled ``pixel``). In smoke mode an empty ``llm`` / ``vqa`` means ``"tiny"`` and the dialogue is
     shortened (≤ 3 rounds, 8 question, 24 summary and 6 answer tokens, ≤ 3 pixel-answerer training steps) so CI
     exercises the HF code path quickly.
     """
@@ -265,6 +274,8 @@ def build_captioner(setup: CaptionSetup, attributes: Mapping[str, Mapping[str, A
         questioner = ScriptedQuestioner()
     if setup.vqa in PIXEL_VQA:
         answerer: Answerer = _pixel_answerer(setup, model_dir)
+    elif setup.vqa.endswith(OFFICIAL_SUFFIXES):
+        answerer = load_official_answerer(setup.vqa, device=str(resolve_device(setup.device)))
     elif setup.vqa:
         vqa_path = str(tiny[tiny_vqa[setup.vqa]]) if setup.vqa in tiny_vqa else setup.vqa
         answerer = VQAAnswerer(vqa_path, VQAConfig(
