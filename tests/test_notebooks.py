@@ -37,6 +37,7 @@ def test_every_notebook_runs_in_smoke_mode(smoke_run):
 def test_chain_outputs(smoke_run):
     out, _ = smoke_run
     assert (out / "02_captions" / "captions.jsonl").is_file()
+    assert (out / "02_captions_oracle" / "captions.jsonl").is_file()
     assert (out / "03_finetune" / "checkpoint").is_dir()
     finetune = json.loads((out / "03_finetune" / "metrics.json").read_text())
     for role in ("select", "test"):  # selected on one split, reported on the other
@@ -46,5 +47,7 @@ def test_chain_outputs(smoke_run):
     variants = pd.read_csv(out / "04_retrieval" / demo.VARIANTS_FILE)
     assert len(variants) >= 2
     assert "mAP" in variants.columns
+    assert {"none", "gallery-only", "pixel", "oracle"} <= set(variants["text_source"])  # pixel and oracle dialogue
+    assert "fine-tuned/crop+oracle-dialogue-late" in set(variants["name"])
     text = demo.report(out)
     assert "Retrieval variants" in text

@@ -231,6 +231,7 @@ class CaptionSetup:
     allow_oracle: bool = False  # with an empty vqa on data without attributes.jsonl: answer from the annotations
     vqa_steps: int = 0  # vqa="x2vlm-demo": training steps of the pixel answerer; 0 = PixelVQAConfig's default
     data_root: str = ""  # vqa="x2vlm-demo": data root whose train split it learns from; empty = $CAPRET_DATA / synthetic
+    vqa_cache: str = ""  # vqa="x2vlm-demo": folder caching the trained answerer (keyed by config + train split); empty = model_dir
 
     def effective(self) -> "CaptionSetup":
         """The setup actually run (smoke defaults applied)."""
@@ -300,8 +301,9 @@ def _pixel_answerer(setup: CaptionSetup, model_dir: str | os.PathLike | None) ->
     """The pixel answerer of ``setup.vqa`` (trained on ``data_root``'s train split on a cache miss)."""
     from capret_utils.runs import paths
 
+    model_dir = setup.vqa_cache or model_dir
     if model_dir is None:
-        raise ValueError(f"model_dir is needed to cache the {setup.vqa!r} answerer")
+        raise ValueError(f"model_dir (or vqa_cache) is needed to cache the {setup.vqa!r} answerer")
     defaults = PixelVQAConfig()
     config = PixelVQAConfig(preset=PIXEL_VQA[setup.vqa], steps=setup.vqa_steps or defaults.steps)
     folder = load_or_train(paths.data_root(setup.data_root or None, setup.smoke), model_dir, config)

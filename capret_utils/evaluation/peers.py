@@ -58,10 +58,11 @@ class PeerConfig:
 
 def encoder_variants(encoder: Encoder, data: analysis.RetrievalData, captions: bool = True,
                      ) -> list[analysis.Variant]:
-    """``crop``, plus ``crop+<kind>-late`` and ``crop+<kind>-gallery`` per caption kind for text encoders."""
+    """``crop``, plus ``crop+<kind>-late`` and ``crop+<kind>-gallery`` per caption kind for text encoders (the
+    template and main dialogue kinds; the extra oracle dialogue of :mod:`.caption_sources` is X2-VLM only)."""
     out = [analysis.VARIANTS["crop"]]
     if captions and encoder.has_text:
-        for kind in data.texts:
+        for kind in [k for k in data.texts if f"crop+{k}-late" in analysis.VARIANTS]:
             out += [analysis.VARIANTS[f"crop+{kind}-late"], analysis.VARIANTS[f"crop+{kind}-gallery"]]
     return out
 

@@ -1,11 +1,18 @@
 """The whole pipeline in one command: notebooks 01 → 04 through papermill, each into its own run folder.
 
 ``make demo`` calls ``python -m capret_utils.runs.demo --out runs/demo``: it runs every notebook in ``notebooks/`` in
-order on the embedded default (the synthetic benchmark, generated on first use), chaining outputs (02's
-``captions.jsonl`` feeds 03 and 04; 03's checkpoint feeds 04), then prints where the outputs and metrics are
+order on the embedded default (the synthetic benchmark, generated on first use), chaining outputs, then prints where the outputs and metrics are
 and the variant table of the retrieval run. ``--smoke`` runs the same chain in smoke mode (tiny data, tiny
 models, a few steps) — this is what the notebook test in CI runs. ``--resume`` skips steps that already
 finished (``status.json`` ok and ``metrics.json`` present).
+
+Notebook 02 runs twice. ``02_captions`` is the query-side default: the **pixel** dialogue (``vqa="x2vlm-demo"``,
+the X2-VLM VQA model trained on the train split, cached in ``.cache/pixel-vqa`` across runs) on the test split,
+with its answer accuracy. ``02_captions_oracle`` is the ground-truth answerer's dialogue on every split (the
+**oracle**, an upper bound). 03 fine-tunes on the oracle captions: its train split is the pixel answerer's own
+training data (answers on seen crops, not test-time quality), and the oracle file is instant. 04 evaluates the
+fine-tuned model on the test split with the pixel captions (``captions_path``) and the oracle ones
+(``oracle_captions_path``): image-only, gallery-only, pixel and oracle rows with intervals and paired tests.
 """
 
 from __future__ import annotations
@@ -22,27 +29,33 @@ from capret_utils.common import repo_root
 from capret_utils.runs import sweep
 
 VARIANTS_FILE = "variants.csv"
+PIXEL_VQA = "x2vlm-demo"  # the demo's query-side answerer (captions.pixel), trained on the train split
 
 
 @dataclass(frozen=True)
 class Step:
     """One notebook of the chain and how its parameters derive from the output folder."""
 
-    name: str
+    name: str  # run folder under the demo's output folder (and the notebook, unless `notebook_name` is set)
     params: Callable[[Path], dict[str, Any]]
+    notebook_name: str = ""  # notebook file stem when it differs from `name` (a notebook run twice)
 
     @property
     def notebook(self) -> Path:
-        return repo_root() / "notebooks" / f"{self.name}.ipynb"
+        return repo_root() / "notebooks" / f"{self.notebook_name or self.name}.ipynb"
 
 
 STEPS: tuple[Step, ...] = (
     Step("01_explore", lambda out: {"split": "validation"}),
-    Step("02_captions", lambda out: {"captioner": "dialogue"}),
-    Step("03_finetune", lambda out: {"captions_path": str(out / "02_captions" / "captions.jsonl")}),
+    Step("02_captions", lambda out: {"captioner": "dialogue", "vqa": PIXEL_VQA, "split": "test",
+                                     "vqa_cache": str(repo_root() / ".cache" / "pixel-vqa")}),
+    Step("02_captions_oracle", lambda out: {"captioner": "dialogue"}, notebook_name="02_captions"),
+    Step("03_finetune", lambda out: {"captions_path": str(out / "02_captions_oracle" / "captions.jsonl")}),
     Step("04_retrieval", lambda out: {"checkpoint": str(out / "03_finetune" / "checkpoint"),
-                                      "captions_path": str(out / "02_captions" / "captions.jsonl")}),
+                                      "captions_path": str(out / "02_captions" / "captions.jsonl"),
+                                      "oracle_captions_path": str(out / "02_captions_oracle" / "captions.jsonl")}),
 )
+"""The demo chain (see the module docstring for the two runs of notebook 02)."""
 
 
 def run_pipeline(out: str | Path, smoke: bool = False, data_root: str = "", seed: int = 0,
