@@ -79,7 +79,8 @@ def main() -> None:
     ap.add_argument("--questions-per-crop", type=int, default=PixelVQAConfig.questions_per_crop,
                     help="questions per crop and step")
     ap.add_argument("--lr", type=float, default=PixelVQAConfig.lr, help="AdamW peak learning rate")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (training and answering)")
+    ap.add_argument("--init", default="", help="notebook-03 checkpoint folder to start from (default: random init)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (training and answering)")
     ap.add_argument("--max-items", type=int, default=0, help="score at most this many user items (0: all)")
     ap.add_argument("--cache", default="", help="answerer cache folder (default: a fresh temporary one)")
     ap.add_argument("--answers", type=int, default=3129, help="candidate answers for the GPU estimate (VQAv2: 3129)")
@@ -90,7 +91,7 @@ def main() -> None:
     root = paths.data_root(args.data_root or None)
     cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="bench-vqa-"))
     config = PixelVQAConfig(steps=args.steps, threads=args.threads, batch_size=args.batch_size,
-                            questions_per_crop=args.questions_per_crop, lr=args.lr)
+                            questions_per_crop=args.questions_per_crop, lr=args.lr, init=args.init)
     started, cpu = time.perf_counter(), time.process_time()
     folder = load_or_train(root, cache, config, progress=False)
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu

@@ -335,6 +335,24 @@ def _official_vqa_file(folder, fixture_state, answers=None):
     return folder / "vqa.th"
 
 
+def test_pixel_answerer_starts_from_a_checkpoint(smoke_root, tmp_path):
+    from capret_utils.captions.pixel import PixelAnswerer, PixelVQAConfig, load_or_train
+    from capret_utils.x2vlm import X2VLMConfig, X2VLMModel, build_wordpiece_tokenizer, fashion_caption_corpus
+    from capret_utils.x2vlm import COMPACT_SPECIAL_IDS
+
+    ckpt = tmp_path / "checkpoint"
+    X2VLMModel(X2VLMConfig.preset("demo")).save_pretrained(ckpt / "model")
+    build_wordpiece_tokenizer(fashion_caption_corpus(), X2VLMConfig.preset("demo").vocab_size,
+                              special_ids=COMPACT_SPECIAL_IDS).save_pretrained(ckpt / "tokenizer")
+    folder = load_or_train(smoke_root, tmp_path / "cache", PixelVQAConfig(steps=1, batch_size=2, init=str(ckpt)),
+                           progress=False)
+    answerer = PixelAnswerer(folder)
+    assert answerer.record["init"].startswith(f"checkpoint {ckpt}")
+    assert answerer.model.config.text_width == X2VLMConfig.preset("demo").text_width
+    with pytest.raises(FileNotFoundError, match="notebook-03 checkpoint"):
+        load_or_train(smoke_root, tmp_path / "cache", PixelVQAConfig(steps=1, init=str(tmp_path)), progress=False)
+
+
 def test_official_vqa_file_as_caption_answerer(fixture_state, tmp_path, smoke_root):
     from capret_utils.captions import CaptionSetup, build_captioner
     from capret_utils.captions.pixel import df2_topic_answers, load_official_answerer

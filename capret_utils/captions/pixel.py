@@ -68,13 +68,15 @@ class PixelVQAConfig:
     """How the pixel answerer is trained (defaults: about 2-3 minutes on 2 CPU cores for the demo benchmark)."""
 
     preset: str = "demo"  # X2-VLM architecture (capret_utils.x2vlm.PRESETS), random weights seeded by `seed`
+    init: str = ""  # a notebook-03 checkpoint folder (model/, tokenizer/: trained on the train split) to start from
+    # instead of random `preset` weights; its tokenizer is kept. Empty: random init
     steps: int = 500  # optimiser steps
     batch_size: int = 32  # crops per step
     questions_per_crop: int = 4  # questions drawn (without replacement) per crop and step, of the trained ones
     lr: float = 1e-3  # AdamW peak learning rate, linear warm-up over the first 5 % of steps, then linear decay
     weight_decay: float = 0.01  # AdamW weight decay
     seed: int = 0  # weights, crop sampling and flips
-    threads: int = 2  # torch intra-op threads while training (CPU)
+    threads: int = 1  # torch intra-op threads while training (CPU); 2 threads on a loaded 2-core machine were ~6x slower per step
     context: float = CROP_CONTEXT  # context around the item box, fraction of box width / height per side
     k_test: int = 128  # rank_answer: first-token shortlist for questions outside the per-topic lists (official)
     vocab_size: int = 512  # WordPiece vocabulary trained on the questions, answers and the fashion corpus
@@ -185,8 +187,18 @@ def train_pixel_vqa(train_items: pd.DataFrame, attributes: Mapping[str, Mapping[
     torch.set_num_threads(cfg.threads)
     try:
         torch.manual_seed(cfg.seed)
-        tokenizer = build_vqa_tokenizer(dialogue_questions(), answer_list, cfg.vocab_size)
-        base = X2VLMModel(X2VLMConfig.preset(cfg.preset))
+        if cfg.init:
+            init = Path(cfg.init)
+            if not (init / "model").is_dir() or not (init / "tokenizer").is_dir():
+                raise FileNotFoundError(f"PixelVQAConfig.init={cfg.init!r}: expected a notebook-03 checkpoint "
+                                        f"folder with model/ and tokenizer/")
+            from capret_utils.x2vlm import X2VLMTokenizer
+
+            base = X2VLMModel.from_pretrained(init / "model")
+            tokenizer = X2VLMTokenizer.from_pretrained(init / "tokenizer")
+        else:
+            tokenizer = build_vqa_tokenizer(dialogue_questions(), answer_list, cfg.vocab_size)
+            base = X2VLMModel(X2VLMConfig.preset(cfg.preset))
         check_tokenizer(base.config, tokenizer)
         model, _ = X2VLMForVQA.from_x2vlm(base, k_test=cfg.k_test)
         processor = X2VLMImageProcessor.for_config(model.config)
@@ -239,8 +251,8 @@ def train_pixel_vqa(train_items: pd.DataFrame, attributes: Mapping[str, Mapping[
               "final_loss": float(np.mean(losses[-20:])), "first_loss": losses[0], "train_items": len(rows),
               "triples": len(triples), "answers": len(answer_list), "questions": questions,
               "topic_answers": topics,
-              "config": asdict(cfg), "init": f"random {cfg.preset} preset (seed {cfg.seed}), official VQA "
-                                               f"decoder initialisation from its fusion layers"}
+              "config": asdict(cfg), "init": (f"checkpoint {cfg.init}" if cfg.init else f"random {cfg.preset} preset (seed {cfg.seed})")
+                      + ", official VQA decoder initialisation from its fusion layers"}
     return model, tokenizer, answer_list, record
 
 
@@ -253,7 +265,9 @@ def load_or_train(root: str | os.PathLike, cache_dir: str | os.PathLike, config:
 
     cfg = config or PixelVQAConfig()
     train_dir = paths.split_dir(root, "train")
-    folder = Path(cache_dir) / f"x2vlm-vqa-{_hash(asdict(cfg), _train_fingerprint(train_dir), 2)}"
+    init_id = _hash(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(cfg.init, "model").glob("*"))
+                    ) if cfg.init else ""  # a retrained checkpoint in the same folder is a new answerer
+    folder = Path(cache_dir) / f"x2vlm-vqa-{_hash(asdict(cfg), _train_fingerprint(train_dir), 2, init_id)}"
     if (folder / RECORD_FILE).is_file():
         return folder
     attributes = load_attributes(train_dir)

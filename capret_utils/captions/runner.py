@@ -232,6 +232,7 @@ class CaptionSetup:
     vqa_steps: int = 0  # vqa="x2vlm-demo": training steps of the pixel answerer; 0 = PixelVQAConfig's default
     data_root: str = ""  # vqa="x2vlm-demo": data root whose train split it learns from; empty = $CAPRET_DATA / synthetic
     vqa_cache: str = ""  # vqa="x2vlm-demo": folder caching the trained answerer (keyed by config + train split); empty = model_dir
+    vqa_init: str = ""  # vqa="x2vlm-demo": notebook-03 checkpoint folder the answerer starts from; empty = random init
 
     def effective(self) -> "CaptionSetup":
         """The setup actually run (smoke defaults applied)."""
@@ -305,7 +306,8 @@ def _pixel_answerer(setup: CaptionSetup, model_dir: str | os.PathLike | None) ->
     if model_dir is None:
         raise ValueError(f"model_dir (or vqa_cache) is needed to cache the {setup.vqa!r} answerer")
     defaults = PixelVQAConfig()
-    config = PixelVQAConfig(preset=PIXEL_VQA[setup.vqa], steps=setup.vqa_steps or defaults.steps)
+    config = PixelVQAConfig(preset=PIXEL_VQA[setup.vqa], steps=setup.vqa_steps or defaults.steps,
+                            init=setup.vqa_init)
     folder = load_or_train(paths.data_root(setup.data_root or None, setup.smoke), model_dir, config)
     return PixelAnswerer(folder, device=str(resolve_device(setup.device)), name=f"x2vlm-vqa:{setup.vqa}")
 

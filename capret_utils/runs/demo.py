@@ -6,11 +6,12 @@ and the variant table of the retrieval run. ``--smoke`` runs the same chain in s
 models, a few steps) — this is what the notebook test in CI runs. ``--resume`` skips steps that already
 finished (``status.json`` ok and ``metrics.json`` present).
 
-Notebook 02 runs twice. ``02_captions`` is the query-side default: the **pixel** dialogue (``vqa="x2vlm-demo"``,
-the X2-VLM VQA model trained on the train split, cached in ``.cache/pixel-vqa`` across runs) on the test split,
-with its answer accuracy. ``02_captions_oracle`` is the ground-truth answerer's dialogue on every split (the
-**oracle**, an upper bound). 03 fine-tunes on the oracle captions: its train split is the pixel answerer's own
-training data (answers on seen crops, not test-time quality), and the oracle file is instant. 04 evaluates the
+Notebook 02 runs twice. ``02_captions_oracle`` (first) is the ground-truth answerer's dialogue on every split (the
+**oracle**, an upper bound); 03 fine-tunes on it (the pixel answerer's train-split answers would be on crops it was
+trained on, not test-time quality; and the oracle file is instant). ``02_captions`` (after 03) is the query-side
+default: the **pixel** dialogue (``vqa="x2vlm-demo"``: an X2-VLM VQA model started from 03's checkpoint — trained
+on the train split only — and fine-tuned on the train split's questions and answers, cached in
+``.cache/pixel-vqa`` across runs) on the test split, with its answer accuracy. 04 evaluates the
 fine-tuned model on the test split with the pixel captions (``captions_path``) and the oracle ones
 (``oracle_captions_path``): image-only, gallery-only, pixel and oracle rows with intervals and paired tests.
 """
@@ -30,6 +31,7 @@ from capret_utils.runs import sweep
 
 VARIANTS_FILE = "variants.csv"
 PIXEL_VQA = "x2vlm-demo"  # the demo's query-side answerer (captions.pixel), trained on the train split
+PIXEL_VQA_STEPS = 400  # its training steps from 03's checkpoint (docs/experiments.md, "The pixel answerer")
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,11 @@ class Step:
 
 STEPS: tuple[Step, ...] = (
     Step("01_explore", lambda out: {"split": "validation"}),
-    Step("02_captions", lambda out: {"captioner": "dialogue", "vqa": PIXEL_VQA, "split": "test",
-                                     "vqa_cache": str(repo_root() / ".cache" / "pixel-vqa")}),
     Step("02_captions_oracle", lambda out: {"captioner": "dialogue"}, notebook_name="02_captions"),
     Step("03_finetune", lambda out: {"captions_path": str(out / "02_captions_oracle" / "captions.jsonl")}),
+    Step("02_captions", lambda out: {"captioner": "dialogue", "vqa": PIXEL_VQA, "split": "test",
+                                     "vqa_steps": PIXEL_VQA_STEPS, "vqa_init": str(out / "03_finetune" / "checkpoint"),
+                                     "vqa_cache": str(repo_root() / ".cache" / "pixel-vqa")}),
     Step("04_retrieval", lambda out: {"checkpoint": str(out / "03_finetune" / "checkpoint"),
                                       "captions_path": str(out / "02_captions" / "captions.jsonl"),
                                       "oracle_captions_path": str(out / "02_captions_oracle" / "captions.jsonl")}),
