@@ -401,6 +401,7 @@ def test_pixel_answerer_ranks_within_the_question_topic(smoke_root, pixel_folder
     answerer = PixelAnswerer(pixel_folder)
     topics = answerer.record["topic_answers"]
     assert "describe" not in topics and "describe" not in " ".join(answerer.record["questions"]).lower()
+    assert answerer.composed_topics == {"describe"}  # answer_accuracy: a composed truth is not "outside the list"
     rows = df2.load_items(smoke_root / "test").head(3).to_dict("records")
     views = load_views(rows, "crop")
     qs = ["What is the main colour of the garment?", "What type of garment is this?",

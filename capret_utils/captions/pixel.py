@@ -76,7 +76,7 @@ class PixelVQAConfig:
     lr: float = 1e-3  # AdamW peak learning rate, linear warm-up over the first 5 % of steps, then linear decay
     weight_decay: float = 0.01  # AdamW weight decay
     seed: int = 0  # weights, crop sampling and flips
-    threads: int = 1  # torch intra-op threads while training (CPU); 2 threads on a loaded 2-core machine were ~6x slower per step
+    threads: int = 1  # torch intra-op threads while training (CPU); 2 on a loaded 2-core machine: ~6x slower per step
     context: float = CROP_CONTEXT  # context around the item box, fraction of box width / height per side
     k_test: int = 128  # rank_answer: first-token shortlist for questions outside the per-topic lists (official)
     vocab_size: int = 512  # WordPiece vocabulary trained on the questions, answers and the fashion corpus
@@ -251,8 +251,9 @@ def train_pixel_vqa(train_items: pd.DataFrame, attributes: Mapping[str, Mapping[
               "final_loss": float(np.mean(losses[-20:])), "first_loss": losses[0], "train_items": len(rows),
               "triples": len(triples), "answers": len(answer_list), "questions": questions,
               "topic_answers": topics,
-              "config": asdict(cfg), "init": (f"checkpoint {cfg.init}" if cfg.init else f"random {cfg.preset} preset (seed {cfg.seed})")
-                      + ", official VQA decoder initialisation from its fusion layers"}
+              "config": asdict(cfg),
+              "init": (f"checkpoint {cfg.init}" if cfg.init else f"random {cfg.preset} preset (seed {cfg.seed})")
+              + ", official VQA decoder initialisation from its fusion layers"}
     return model, tokenizer, answer_list, record
 
 
@@ -331,6 +332,7 @@ class PixelAnswerer:
             if missing or not cands:
                 raise ValueError(f"{source}: topic {topic!r} lists answers not in the answer list: {missing[:5]}")
             self.topic_ids[str(topic)] = [index[a] for a in cands]
+        self.composed_topics = set(COMPOSED) if self.topic_ids else set()  # answered by composition, not ranked
         self.processor = X2VLMImageProcessor.for_config(self.model.config)
         self.device, self.context, self.batch, self.name = device, context, batch, name
         enc = self.tokenizer(self.answer_list)

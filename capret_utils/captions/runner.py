@@ -231,7 +231,7 @@ class CaptionSetup:
     allow_oracle: bool = False  # with an empty vqa on data without attributes.jsonl: answer from the annotations
     vqa_steps: int = 0  # vqa="x2vlm-demo": training steps of the pixel answerer; 0 = PixelVQAConfig's default
     data_root: str = ""  # vqa="x2vlm-demo": data root whose train split it learns from; empty = $CAPRET_DATA / synthetic
-    vqa_cache: str = ""  # vqa="x2vlm-demo": folder caching the trained answerer (keyed by config + train split); empty = model_dir
+    vqa_cache: str = ""  # vqa="x2vlm-demo": folder caching the trained answerer (by config + train split); empty = model_dir
     vqa_init: str = ""  # vqa="x2vlm-demo": notebook-03 checkpoint folder the answerer starts from; empty = random init
 
     def effective(self) -> "CaptionSetup":
