@@ -4,9 +4,9 @@ from capret_utils.captions import length
 
 
 def test_truncation_report_hand_counted():
-    caps = ["one two three", " ".join(["w"] * 35), " ".join(["x"] * 31), ""]
+    caps = ["one two three", " ".join(["w"] * 35), " ".join(["x"] * 31), "", "..."]
     rep = length.truncation_report(caps, count_tokens=lambda t: 2 * len(t.split()), max_words=30, max_tokens=40)
-    assert rep["captions"] == 3  # the empty one is not a caption
+    assert rep["captions"] == 4 and rep["empty_after_cleaning"] == 1  # "" is no caption; "..." cleans to nothing
     assert rep["cut_by_words"] == 2 and rep["words_dropped_mean"] == 3.0 and rep["words_dropped_max"] == 5
     # tokens are counted on the 30-word cleaned text: 2 x 3 = 6 and 2 x 30 = 60 > 38 for the two long ones
     assert rep["cut_by_tokens"] == 2 and rep["tokens_dropped_max"] == 60 - 38

@@ -16,7 +16,8 @@ from capret_utils.data.boxes import CROP_CONTEXT
 from capret_utils.evaluation.metrics import DEFAULT_KS
 from capret_utils.x2vlm import PRESETS, RANDOM_INIT_PRESETS
 
-NOTEBOOK_ONLY = {"captions_path", "data_root", "run_dir", "smoke", "overrides", "select_fraction"}
+NOTEBOOK_ONLY = {"captions_path", "data_root", "run_dir", "smoke", "overrides", "select_fraction", "bad_annotations",
+                 "fresh_run", "nproc"}  # run info: where the data and the run live, how it is launched
 
 
 def test_every_field_is_documented_in_the_args_docstring():

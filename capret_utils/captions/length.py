@@ -18,9 +18,16 @@ def truncation_report(captions: Sequence[str], count_tokens: Callable[[str], int
     by each limit, the mean and max words / tokens dropped among the cut ones, and the length quantiles."""
     from capret_utils.x2vlm.processing import pre_caption
 
+    def cleaned(text: str, limit: int) -> str:
+        try:
+            return pre_caption(text, limit)
+        except ValueError:  # nothing left after cleaning (e.g. only punctuation): the model sees no caption
+            return ""
+
     texts = [str(c) for c in captions if str(c).strip()]
-    words = np.array([len(pre_caption(t, 10**6).split()) for t in texts], dtype=np.int64)
-    out: dict[str, Any] = {"captions": len(texts), "max_words": max_words, "max_tokens": max_tokens}
+    words = np.array([len(cleaned(t, 10**6).split()) for t in texts], dtype=np.int64)
+    out: dict[str, Any] = {"captions": len(texts), "empty_after_cleaning": int((words == 0).sum()),
+                           "max_words": max_words, "max_tokens": max_tokens}
 
     def cut(lengths: np.ndarray, limit: int, unit: str) -> None:
         over = lengths > limit
@@ -34,7 +41,8 @@ def truncation_report(captions: Sequence[str], count_tokens: Callable[[str], int
 
     cut(words, max_words, "words")
     if count_tokens is not None:
-        tokens = np.array([count_tokens(pre_caption(t, max_words)) for t in texts], dtype=np.int64)
+        tokens = np.array([count_tokens(cleaned(t, max_words)) if w else 0 for t, w in zip(texts, words)],
+                          dtype=np.int64)
         cut(tokens, max_tokens - 2, "tokens")
     return out
 
