@@ -6,20 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _tiny_bundle import make_tiny_bundle
 
 from capret_utils.data import df2
-from capret_utils.evaluation import metrics
-from capret_utils.evaluation import embed as E
 from capret_utils.data.loader import ImageStore
-from capret_utils.x2vlm import (
-    BERT_SPECIAL_IDS,
-    ImageSettings,
-    X2VLMConfig,
-    X2VLMImageProcessor,
-    X2VLMModel,
-    build_wordpiece_tokenizer,
-    fashion_caption_corpus,
-)
+from capret_utils.evaluation import embed as E
+from capret_utils.evaluation import metrics
+from capret_utils.x2vlm import X2VLMModel
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +22,7 @@ def val_items(smoke_root):
 
 @pytest.fixture(scope="module")
 def bundle():
-    torch.manual_seed(0)
-    config = X2VLMConfig.preset("tiny")
-    model = X2VLMModel(config).eval()
-    tok = build_wordpiece_tokenizer(fashion_caption_corpus(), config.vocab_size, special_ids=BERT_SPECIAL_IDS)
-    proc = X2VLMImageProcessor(ImageSettings(image_res=config.image_res))
-    return E.ModelBundle(model, tok, proc, {"context": 0.1, "cache_side": 64})
+    return make_tiny_bundle()
 
 
 def _direct(bundle, images):

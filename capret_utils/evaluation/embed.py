@@ -292,26 +292,36 @@ class ITMReranker:
                     tokens.append(model.get_image_embeds(pv)[0].to(torch.float16).cpu())
         self.gallery_tokens = torch.cat(tokens) if tokens else torch.zeros(0)
 
-    @torch.no_grad()
     def __call__(self, query_rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        query_rows = np.asarray(query_rows, dtype=np.int64)
-        candidates = np.asarray(candidates, dtype=np.int64)
-        b, k = candidates.shape
-        scores = np.full((b, k), -np.inf, dtype=np.float32)
-        pairs = [(i, j) for i in range(b) for j in range(k) if candidates[i, j] >= 0]
-        model, device = self.bundle.model.eval(), self.bundle.device
-        for sl in _batches(len(pairs), self.config.batch_size):
-            chunk = pairs[sl]
-            enc = self.bundle.tokenizer([self.query_texts[query_rows[i]] for i, _ in chunk])
-            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-            image_embeds = self.gallery_tokens[[int(candidates[i, j]) for i, j in chunk]].to(device)
-            with autocast(device, self.config.bf16):
-                text_embeds = model.get_text_embeds(ids, mask)
-                fused = model.get_fusion_embeds(text_embeds, mask, image_embeds.to(text_embeds.dtype))
-                logits = model.itm_logits(fused)[:, 1].float().cpu().numpy()
-            for (i, j), s in zip(chunk, logits):
-                scores[i, j] = s
-        return scores
+        return itm_scores(self.bundle, self.query_texts, query_rows, candidates,
+                          lambda rows: self.gallery_tokens[torch.as_tensor(rows)], self.config)
+
+
+@torch.no_grad()
+def itm_scores(bundle: ModelBundle, query_texts: Sequence[str], query_rows: np.ndarray, candidates: np.ndarray,
+               tokens_of: Callable[[np.ndarray], torch.Tensor], config: EmbedConfig) -> np.ndarray:
+    """Raw ITM "match" logits ``(b, k)`` of (query caption, candidate gallery view) pairs, ``config.batch_size``
+    pairs at a time; -inf for empty slots (-1). ``tokens_of(gallery rows)`` gives those rows' image tokens (held in
+    memory by :class:`ITMReranker`, read from an on-disk memmap by
+    :class:`capret_utils.evaluation.features.TokenITMReranker`)."""
+    query_rows = np.asarray(query_rows, dtype=np.int64)
+    candidates = np.asarray(candidates, dtype=np.int64)
+    b, k = candidates.shape
+    scores = np.full((b, k), -np.inf, dtype=np.float32)
+    pairs = [(i, j) for i in range(b) for j in range(k) if candidates[i, j] >= 0]
+    model, device = bundle.model.eval(), bundle.device
+    for sl in _batches(len(pairs), max(1, config.batch_size)):
+        chunk = pairs[sl]
+        enc = bundle.tokenizer([query_texts[query_rows[i]] for i, _ in chunk])
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        image_embeds = tokens_of(np.asarray([int(candidates[i, j]) for i, j in chunk], dtype=np.int64)).to(device)
+        with autocast(device, config.bf16):
+            text_embeds = model.get_text_embeds(ids, mask)
+            fused = model.get_fusion_embeds(text_embeds, mask, image_embeds.to(text_embeds.dtype))
+            logits = model.itm_logits(fused)[:, 1].float().cpu().numpy()
+        for (i, j), s in zip(chunk, logits):
+            scores[i, j] = s
+    return scores
 
 
 # ------------------------------------------------------------------------------------------ caching on disk

@@ -157,31 +157,14 @@ class TokenITMReranker:
         self.config = config or embed.EmbedConfig()
         self.query_texts = [str(t) for t in query_texts]
 
-    @torch.no_grad()
+    def _tokens(self, rows: np.ndarray) -> torch.Tensor:
+        order = np.argsort(rows)  # memmap reads in file order
+        block = np.empty((len(rows), *self.gallery.tokens.shape[1:]), np.float16)
+        block[order] = self.gallery.tokens[rows[order]]
+        return torch.from_numpy(block)
+
     def __call__(self, query_rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        query_rows = np.asarray(query_rows, dtype=np.int64)
-        candidates = np.asarray(candidates, dtype=np.int64)
-        b, k = candidates.shape
-        scores = np.full((b, k), -np.inf, dtype=np.float32)
-        pairs = [(i, j) for i in range(b) for j in range(k) if candidates[i, j] >= 0]
-        model, device = self.bundle.model.eval(), self.bundle.device
-        size = max(1, self.config.batch_size)
-        for start in range(0, len(pairs), size):
-            chunk = pairs[start:start + size]
-            enc = self.bundle.tokenizer([self.query_texts[query_rows[i]] for i, _ in chunk])
-            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-            rows = np.asarray([int(candidates[i, j]) for i, j in chunk])
-            order = np.argsort(rows)  # memmap reads in file order
-            block = np.empty((len(rows), *self.gallery.tokens.shape[1:]), np.float16)
-            block[order] = self.gallery.tokens[rows[order]]
-            image_embeds = torch.from_numpy(block).to(device)
-            with embed.autocast(device, self.config.bf16):
-                text_embeds = model.get_text_embeds(ids, mask)
-                fused = model.get_fusion_embeds(text_embeds, mask, image_embeds.to(text_embeds.dtype))
-                logits = model.itm_logits(fused)[:, 1].float().cpu().numpy()
-            for (i, j), s in zip(chunk, logits):
-                scores[i, j] = s
-        return scores
+        return embed.itm_scores(self.bundle, self.query_texts, query_rows, candidates, self._tokens, self.config)
 
 
 def fused(features: ViewFeatures, texts: Sequence[str] | None, fusion: str, bundle: embed.ModelBundle,
