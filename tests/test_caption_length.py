@@ -11,3 +11,8 @@ def test_truncation_report_hand_counted():
     # tokens are counted on the 30-word cleaned text: 2 x 3 = 6 and 2 x 30 = 60 > 38 for the two long ones
     assert rep["cut_by_tokens"] == 2 and rep["tokens_dropped_max"] == 60 - 38
     assert rep["words_p50_p95_max"][2] == 35
+
+
+def test_default_counter_ignores_captions_that_clean_to_nothing():
+    counter, name = length.default_counter(["...", "a red short sleeve top", ""])
+    assert counter("a red top") >= 3 and name

@@ -74,6 +74,16 @@ def default_counter(texts: Sequence[str]) -> tuple[Callable[[str], int], str]:
         return wordpiece_counter(X2VLMTokenizer.from_pretrained(str(Path(cached).parent))), "bert-base-uncased"
     else:  # not in the local Hugging Face cache
         vocab = int(X2VLMConfig.preset("demo").vocab_size)
-        tok = build_wordpiece_tokenizer(fashion_caption_corpus() + [str(t) for t in texts], vocab,
+        usable = [str(t) for t in texts if _cleans_to_something(str(t))]
+        tok = build_wordpiece_tokenizer(fashion_caption_corpus() + usable, vocab,
                                         special_ids=COMPACT_SPECIAL_IDS)
         return wordpiece_counter(tok), f"offline WordPiece ({vocab} entries, as the demo model)"
+
+
+def _cleans_to_something(text: str) -> bool:
+    from capret_utils.x2vlm.processing import pre_caption
+
+    try:
+        return bool(pre_caption(text, MAX_WORDS))
+    except ValueError:
+        return False
