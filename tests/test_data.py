@@ -290,3 +290,11 @@ def test_recolour_matches_a_per_pixel_reference_and_keeps_shape():
     torch.testing.assert_close(r, D.recolour(red, torch.Generator().manual_seed(6)))
     with pytest.raises(ValueError, match=r"\(n, 3, H, W\)"):
         D.recolour(torch.zeros(2, 4, 3, 3), torch.Generator())
+
+
+def test_dialogue_captions_that_clean_to_nothing_fall_back_to_the_category_with_a_warning(train_items):
+    caps = {k: f"caption {i}" for i, k in enumerate(train_items["key"])}
+    caps[train_items["key"].iloc[2]] = "..."
+    with pytest.warns(UserWarning, match="1 of .* empty after X2-VLM's caption cleaning"):
+        texts = item_texts(train_items, "dialogue", caps)
+    assert texts[2] == train_items["category_name"].iloc[2] and texts[3] == "caption 3"
