@@ -63,7 +63,7 @@ def test_demo_runs_pixel_and_oracle_dialogues(tmp_path):
 
     steps = {s.name: s for s in demo.STEPS}
     pixel, oracle = steps["02_captions"].params(tmp_path), steps["02_captions_oracle"].params(tmp_path)
-    assert pixel["vqa"] == "x2vlm-demo" and not oracle.get("vqa")
+    assert pixel["vqa"] == "x2vlm-demo" and oracle.get("vqa") == "ground-truth"  # explicit: smoke turns "" into tiny
     assert pixel["vqa_init"] == str(tmp_path / "03_finetune" / "checkpoint")  # 02 pixel runs after 03
     names = [s.name for s in demo.STEPS]
     assert names.index("02_captions_oracle") < names.index("03_finetune") < names.index("02_captions")

@@ -35,7 +35,12 @@ from capret_utils.captions.pixel import (
     load_official_answerer,
     load_or_train,
 )
-from capret_utils.captions.store import CaptionStore, merged_records, shard_path, store_shards
+from capret_utils.captions.store import (
+    CaptionStore,
+    merged_records,
+    shard_path,
+    store_shards,
+)
 from capret_utils.captions.template import _require_columns, template_caption
 from capret_utils.captions.tiny import build_tiny_models
 from capret_utils.captions.vqa import VQAAnswerer, VQAConfig
@@ -202,6 +207,11 @@ def select_items(items: pd.DataFrame, max_items: int = 0, seed: int = 0) -> pd.D
     return items.loc[sorted(picked)].reset_index(drop=True)
 
 
+GROUND_TRUTH_VQA = "ground-truth"
+"""``vqa`` value naming the ground-truth attribute answerer explicitly (empty ``vqa`` means it too, except in smoke
+mode, where empty means the tiny random BLIP)."""
+
+
 @dataclass
 class CaptionSetup:
     """Notebook 02's captioner parameters, resolved into a captioner by :func:`build_captioner`.
@@ -212,7 +222,8 @@ class CaptionSetup:
     demo X2-VLM VQA model trained on the train split of ``data_root``, cached under ``model_dir``; its captions are
     labelled ``pixel``); a path ending in ``.th`` / ``.pth`` / ``.pt`` / ``.bin`` = an official X2-VLM VQA checkpoint
     (:func:`~capret_utils.captions.pixel.load_official_answerer`: answer list from ``answer_list.json`` next to it,
-    else the DeepFashion2 vocabulary; also labelled ``pixel``). In smoke mode an empty ``llm`` / ``vqa`` means ``"tiny"`` and the dialogue is
+    else the DeepFashion2 vocabulary; also labelled ``pixel``); ``"ground-truth"`` = the :class:`AttributeAnswerer`
+    explicitly (an oracle, also in smoke mode). In smoke mode an empty ``llm`` / ``vqa`` means ``"tiny"`` and the dialogue is
     shortened (≤ 3 rounds, 8 question, 24 summary and 6 answer tokens, ≤ 3 pixel-answerer training steps) so CI
     exercises the HF code path quickly.
     """
@@ -278,7 +289,7 @@ def build_captioner(setup: CaptionSetup, attributes: Mapping[str, Mapping[str, A
         answerer: Answerer = _pixel_answerer(setup, model_dir)
     elif setup.vqa.endswith(OFFICIAL_SUFFIXES):
         answerer = load_official_answerer(setup.vqa, device=str(resolve_device(setup.device)))
-    elif setup.vqa:
+    elif setup.vqa and setup.vqa != GROUND_TRUTH_VQA:
         vqa_path = str(tiny[tiny_vqa[setup.vqa]]) if setup.vqa in tiny_vqa else setup.vqa
         answerer = VQAAnswerer(vqa_path, VQAConfig(
             device=setup.device, max_new_tokens=setup.answer_tokens,

@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from capret_utils.captions.runner import (
+    GROUND_TRUTH_VQA,  # the oracle dialogue's answerer, explicit
+)
 from capret_utils.common import repo_root
 from capret_utils.runs import sweep
 
@@ -49,7 +52,8 @@ class Step:
 
 STEPS: tuple[Step, ...] = (
     Step("01_explore", lambda out: {"split": "validation"}),
-    Step("02_captions_oracle", lambda out: {"captioner": "dialogue"}, notebook_name="02_captions"),
+    Step("02_captions_oracle", lambda out: {"captioner": "dialogue", "vqa": GROUND_TRUTH_VQA},
+         notebook_name="02_captions"),
     Step("03_finetune", lambda out: {"captions_path": str(out / "02_captions_oracle" / "captions.jsonl")}),
     Step("02_captions", lambda out: {"captioner": "dialogue", "vqa": PIXEL_VQA, "split": "test",
                                      "vqa_steps": PIXEL_VQA_STEPS, "vqa_init": str(out / "03_finetune" / "checkpoint"),
