@@ -16,16 +16,10 @@ def truncation_report(captions: Sequence[str], count_tokens: Callable[[str], int
     """For every caption: words after X2-VLM's cleaning vs ``max_words``, and (with ``count_tokens``: text ->
     WordPiece count without [CLS]/[SEP]) tokens vs ``max_tokens - 2``. Returns the number and share of captions cut
     by each limit, the mean and max words / tokens dropped among the cut ones, and the length quantiles."""
-    from capret_utils.x2vlm.processing import pre_caption
-
-    def cleaned(text: str, limit: int) -> str:
-        try:
-            return pre_caption(text, limit)
-        except ValueError:  # nothing left after cleaning (e.g. only punctuation): the model sees no caption
-            return ""
+    from capret_utils.x2vlm.processing import clean_or_empty
 
     texts = [str(c) for c in captions if str(c).strip()]
-    words = np.array([len(cleaned(t, 10**6).split()) for t in texts], dtype=np.int64)
+    words = np.array([len(clean_or_empty(t, 10**6).split()) for t in texts], dtype=np.int64)
     out: dict[str, Any] = {"captions": len(texts), "empty_after_cleaning": int((words == 0).sum()),
                            "max_words": max_words, "max_tokens": max_tokens}
 
@@ -41,7 +35,7 @@ def truncation_report(captions: Sequence[str], count_tokens: Callable[[str], int
 
     cut(words, max_words, "words")
     if count_tokens is not None:
-        tokens = np.array([count_tokens(cleaned(t, max_words)) if w else 0 for t, w in zip(texts, words)],
+        tokens = np.array([count_tokens(clean_or_empty(t, max_words)) if w else 0 for t, w in zip(texts, words)],
                           dtype=np.int64)
         cut(tokens, max_tokens - 2, "tokens")
     return out
@@ -66,6 +60,7 @@ def default_counter(texts: Sequence[str]) -> tuple[Callable[[str], int], str]:
         build_wordpiece_tokenizer,
         fashion_caption_corpus,
     )
+    from capret_utils.x2vlm.processing import clean_or_empty
 
     cached = try_to_load_from_cache("bert-base-uncased", "vocab.txt")  # no network call
     if isinstance(cached, str):
@@ -74,16 +69,8 @@ def default_counter(texts: Sequence[str]) -> tuple[Callable[[str], int], str]:
         return wordpiece_counter(X2VLMTokenizer.from_pretrained(str(Path(cached).parent))), "bert-base-uncased"
     else:  # not in the local Hugging Face cache
         vocab = int(X2VLMConfig.preset("demo").vocab_size)
-        usable = [str(t) for t in texts if _cleans_to_something(str(t))]
+        usable = [str(t) for t in texts if clean_or_empty(str(t), MAX_WORDS)]
         tok = build_wordpiece_tokenizer(fashion_caption_corpus() + usable, vocab,
                                         special_ids=COMPACT_SPECIAL_IDS)
         return wordpiece_counter(tok), f"offline WordPiece ({vocab} entries, as the demo model)"
 
-
-def _cleans_to_something(text: str) -> bool:
-    from capret_utils.x2vlm.processing import pre_caption
-
-    try:
-        return bool(pre_caption(text, MAX_WORDS))
-    except ValueError:
-        return False

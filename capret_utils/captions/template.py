@@ -86,8 +86,10 @@ def item_texts(items: pd.DataFrame, use_captions: str, captions: Mapping[str, st
     if missing:
         raise KeyError(f"{len(missing)} of {len(items)} items have no caption in the caption store, e.g. "
                        f"{missing[:3]}; caption every split you train on (notebook 02 with split='all')")
+    from capret_utils.x2vlm.processing import clean_or_empty
+
     texts = [str(captions[k]) for k in items["key"]]
-    empty = [i for i, t in enumerate(texts) if not _cleans_to_text(t)]
+    empty = [i for i, t in enumerate(texts) if not clean_or_empty(t)]
     if empty:  # e.g. a summary of punctuation only: the text side would get nothing; counted, never silent
         names = items["category_name"].astype(str).tolist()
         for i in empty:
@@ -96,12 +98,3 @@ def item_texts(items: pd.DataFrame, use_captions: str, captions: Mapping[str, st
                       f"items use their category name instead (first: {items['key'].iloc[empty[0]]!r})", stacklevel=2)
     return texts
 
-
-def _cleans_to_text(text: str) -> bool:
-    """True when X2-VLM's caption cleaning (``pre_caption``) leaves at least one word."""
-    from capret_utils.x2vlm.processing import pre_caption
-
-    try:
-        return bool(pre_caption(text, 30))
-    except ValueError:
-        return False

@@ -177,10 +177,19 @@ class ImageStore:
         return len(self._cache)
 
     # -------------------------------------------------------------------------------- views
-    def _fail(self, row: Mapping[str, Any], exc: Exception) -> None:
-        if self.on_error == "raise":
-            raise exc
-        self.skipped.append({"key": str(row.get("key", "?")), "path": str(row.get("path")), "reason": str(exc)})
+    def _decode(self, row: Mapping[str, Any], request: tuple[int, int] | None
+                ) -> tuple[Image.Image, tuple[int, int]] | None:
+        """:func:`open_image` of the row's file, counted; an unreadable file raises (``on_error="raise"``) or is
+        listed in :attr:`skipped` and gives ``None``."""
+        try:
+            decoded = open_image(str(row["path"]), str(row.get("key", "?")), request, self.draft)
+        except (FileNotFoundError, ValueError) as exc:
+            if self.on_error == "raise":
+                raise
+            self.skipped.append({"key": str(row.get("key", "?")), "path": str(row.get("path")), "reason": str(exc)})
+            return None
+        self.decodes += 1
+        return decoded
 
     def crop(self, row: Mapping[str, Any], context: float) -> Image.Image | None:
         box = tuple(float(row[k]) for k in ("x1", "y1", "x2", "y2"))
@@ -188,18 +197,15 @@ class ImageStore:
         hit = self._get(key)
         if hit is not None:
             return hit
-        path = str(row["path"])
         width, height = int(row.get("width") or 0), int(row.get("height") or 0)
         request = None
         if self.draft and width > 0 and height > 0:
             left, top, right, bottom = crop_box(row, context, width, height)
             request = _request(width, height, max(right - left, bottom - top), self.side)
-        try:
-            full, (w0, h0) = open_image(path, str(row.get("key", "?")), request, self.draft)
-        except (FileNotFoundError, ValueError) as exc:
-            self._fail(row, exc)
+        decoded = self._decode(row, request)
+        if decoded is None:
             return None
-        self.decodes += 1
+        full, (w0, h0) = decoded
         left, top, right, bottom = crop_box(row, context, w0, h0)
         if full.size != (w0, h0):  # reduced decode: cut the same region, scaled
             sx, sy = full.width / w0, full.height / h0
@@ -219,12 +225,10 @@ class ImageStore:
         width, height = int(row.get("width") or 0), int(row.get("height") or 0)
         request = (_request(width, height, max(width, height), self.side)
                    if self.draft and width > 0 and height > 0 else None)
-        try:
-            full, (w0, _) = open_image(path, str(row.get("key", "?")), request, self.draft)
-        except (FileNotFoundError, ValueError) as exc:
-            self._fail(row, exc)
+        decoded = self._decode(row, request)
+        if decoded is None:
             return None
-        self.decodes += 1
+        full, (w0, _) = decoded
         out = _shrink(full, self.side)
         result = (out, out.width / w0)
         self._put(key, result, out)

@@ -34,7 +34,6 @@ INDEX_VERSION = 2
 """Bump when the lean table's columns or types change (old cache files are then ignored)."""
 
 HEAVY_COLUMNS = ("landmarks", "segmentation")
-CATEGORICAL_COLUMNS: tuple[str, ...] = ()  # none: categoricals break string arithmetic downstream (split + "/")
 ENV_CACHE = "CAPRET_CACHE"
 
 
@@ -70,9 +69,6 @@ def listing_digest(split_dir: str | os.PathLike, errors: str = "raise") -> str:
 def lean(items: pd.DataFrame) -> pd.DataFrame:
     """The items table without the heavy fields (attrs kept)."""
     out = items.drop(columns=[c for c in HEAVY_COLUMNS if c in items.columns])
-    for col in CATEGORICAL_COLUMNS:
-        if col in out.columns:
-            out[col] = out[col].astype("category")
     out.attrs = dict(items.attrs)
     return out
 

@@ -273,11 +273,8 @@ class EpochBatches:
 
     def close(self) -> None:
         """Stop the loader's worker processes now (they also stop when the loader is garbage-collected)."""
-        it, self._batches = self._batches, None
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-        workers = getattr(self.loader, "_iterator", None)
+        self._batches = None
+        workers = getattr(self.loader, "_iterator", None)  # persistent workers: the loader keeps its one iterator
         if workers is not None and hasattr(workers, "_shutdown_workers"):
             workers._shutdown_workers()
 

@@ -245,6 +245,15 @@ def pre_caption(caption: str, max_words: int = 30) -> str:
     return text
 
 
+def clean_or_empty(caption: str, max_words: int = 30) -> str:
+    """:func:`pre_caption`, but ``""`` for a caption that cleans to nothing (e.g. only punctuation) instead of a
+    ``ValueError``: what the text side would see of it."""
+    try:
+        return pre_caption(caption, max_words)
+    except ValueError:
+        return ""
+
+
 @dataclass
 class TextSettings:
     """Caption cleaning and tokenisation limits (official retrieval values)."""
