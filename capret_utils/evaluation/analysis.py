@@ -317,7 +317,8 @@ def run_variant(variant: Variant, model_name: str, bundle: embed.ModelBundle, da
 
     queries, gallery = _item_view_frames(data, bundle, cfg, ecfg, cache, tag)
     view = "crop" if cfg.boxes == "gt" else "predcrop"
-    folder = cache if cache is not None else Path(tempfile.mkdtemp(prefix="capret-features-"))
+    scratch = None if cache is not None else tempfile.TemporaryDirectory(prefix="capret-features-")  # gone on return
+    folder = cache if cache is not None else Path(scratch.name)
     tokens = cfg.keep_tokens if cfg.keep_tokens is not None else (variant.fusion == "cross" or variant.rerank)
     views = {side: features.view_features(frame, bundle, ecfg, folder, f"{tag}-{view}-{side}", tokens=tokens)
              for side, frame in (("q", queries), ("g", gallery))}  # one decode pass per view, reused by variants
@@ -450,7 +451,8 @@ def run_all(variants: Sequence[Variant], models: Mapping[str, embed.ModelBundle]
     """Every variant for every model (fine-tuned first), embeddings cached under ``<run_dir>/embeddings``."""
     from tqdm.auto import tqdm
 
-    cache = Path(run_dir) / "embeddings" if run_dir else None
+    scratch = None if run_dir else tempfile.TemporaryDirectory(prefix="capret-features-")  # one pass per view, shared
+    cache = Path(run_dir) / "embeddings" if run_dir else Path(scratch.name)
     official = Path(run_dir) / "official" if run_dir else None
     if official is not None:
         official.mkdir(parents=True, exist_ok=True)
