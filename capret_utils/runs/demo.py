@@ -30,7 +30,7 @@ from capret_utils.captions.runner import (
     GROUND_TRUTH_VQA,  # the oracle dialogue's answerer, explicit
 )
 from capret_utils.common import repo_root
-from capret_utils.runs import sweep
+from capret_utils.runs import shutdown, sweep
 
 VARIANTS_FILE = "variants.csv"
 PIXEL_VQA = "x2vlm-demo"  # the demo's query-side answerer (captions.pixel), trained on the train split
@@ -121,6 +121,7 @@ def report(out: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    shutdown.exit_cleanly_on_sigterm()  # a killed run takes its notebook kernels with it
     parser = argparse.ArgumentParser(prog="python -m capret_utils.runs.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(repo_root() / "runs" / "demo"), help="output folder")
     parser.add_argument("--smoke", action="store_true", help="tiny data and models (what CI runs)")

@@ -22,7 +22,7 @@ import pandas as pd
 
 from capret_utils.common import atomic_path, repo_root, write_json
 from capret_utils.data import synth
-from capret_utils.runs import demo
+from capret_utils.runs import demo, shutdown
 
 SUMMARY_FILE = "seeds_summary.csv"
 
@@ -93,6 +93,7 @@ def write_summary(out: str | Path) -> pd.DataFrame:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    shutdown.exit_cleanly_on_sigterm()  # a killed run takes its notebook kernels with it
     parser = argparse.ArgumentParser(prog="python -m capret_utils.runs.seeds", description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="synthetic data seeds")
     parser.add_argument("--out", default=str(repo_root() / "runs" / "seeds"), help="output folder")

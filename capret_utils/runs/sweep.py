@@ -38,6 +38,7 @@ import yaml
 
 from capret_utils import runs
 from capret_utils.common import repo_root, write_json
+from capret_utils.runs import shutdown
 
 STATUS_FILE = "status.json"
 NOTEBOOK_FILE = "notebook.ipynb"
@@ -205,6 +206,11 @@ def run_notebook(notebook: Path, run_dir: Path, params: Mapping[str, Any], kerne
                       error=str(getattr(exc, "evalue", exc))[:2000],
                       cell_index=getattr(exc, "cell_index", None),
                       traceback=traceback.format_exc(limit=5)[-4000:])
+    except BaseException as exc:  # SIGTERM (runs.shutdown) or Ctrl-C: record it, then stop the caller too
+        status.update(status="failed", error_type=type(exc).__name__, error="interrupted",
+                      duration_s=round(time.time() - started, 2))
+        write_json(run_dir / STATUS_FILE, status)
+        raise
     status["duration_s"] = round(time.time() - started, 2)
     write_json(run_dir / STATUS_FILE, status)
     return status
@@ -327,6 +333,7 @@ def long_form(summary: pd.DataFrame, metric_prefix: str | None = None) -> tuple[
 
 
 def main(argv: list[str] | None = None) -> int:
+    shutdown.exit_cleanly_on_sigterm()  # a killed run takes its notebook kernels with it
     parser = argparse.ArgumentParser(prog="python -m capret_utils.runs.sweep", description=__doc__.split("\n")[0])
     parser.add_argument("spec", help="sweep YAML (keys: notebook, name, parameters, grid)")
     parser.add_argument("--out-dir", default=None, help="parent of runs/<name>/ (default: the YAML's folder)")
