@@ -262,8 +262,8 @@ def test_one_lora_step_per_family(alias, tiny_dir, train_items):
     before = {n: p.detach().clone() for n, p in enc.module.named_parameters()}
     out = tp.finetune_encoder(enc, train_items, tp.PeerTrainConfig(steps=1, batch_size=6))
     step = out["history"][0]
-    assert np.isfinite(step["loss"]) and np.isfinite(step["arcface"])
-    assert out["itc"] == enc.has_text and (("itc" in step) == enc.has_text)
+    assert step["kind"] == "train" and np.isfinite(step["loss"]) and np.isfinite(step["loss_arcface"])
+    assert out["itc"] == enc.has_text and (("loss_itc" in step) == enc.has_text)
     params = dict(enc.module.named_parameters())
     lora_b = {n: p for n, p in params.items() if "lora_B" in n}
     assert lora_b and all(p.requires_grad for p in lora_b.values())
@@ -299,5 +299,10 @@ def test_finetune_refuses_items_without_identities(tiny_dir, train_items):
     with pytest.raises(ValueError, match="identity"):
         tp.finetune_encoder(enc, train_items.assign(style=0), tp.PeerTrainConfig())
     with pytest.raises(ValueError, match="text"):
-        tp.PeerTrainConfig(text="dialogue").validate()
+        tp.PeerTrainConfig(text="caption").validate()
+    with pytest.raises(ValueError, match="per_identity"):
+        tp.PeerTrainConfig(batch_size=8, per_identity=3).validate()
+    clip = encoders.load_encoder("tiny-clip", model_dir=tiny_dir)
+    with pytest.raises(ValueError, match="caption store"):  # dialogue texts need notebook 02's captions
+        tp.finetune_encoder(clip, train_items, tp.PeerTrainConfig(text="dialogue", batch_size=4))
     assert isinstance(pd.DataFrame(), pd.DataFrame)

@@ -17,7 +17,8 @@ from capret_utils.evaluation.metrics import DEFAULT_KS
 from capret_utils.x2vlm import PRESETS, RANDOM_INIT_PRESETS
 
 NOTEBOOK_ONLY = {"captions_path", "data_root", "run_dir", "smoke", "overrides", "select_fraction", "bad_annotations",
-                 "fresh_run", "nproc"}  # run info: where the data and the run live, how it is launched
+                 "fresh_run", "nproc", "encoder"}  # run info: where the data and the run live, how it is launched;
+# encoder: a peer encoder instead of X2-VLM (capret_utils.train.peers.run_peer_finetune)
 
 
 def test_every_field_is_documented_in_the_args_docstring():

@@ -12,7 +12,14 @@ that puts an X2-VLM model bundle behind the same interface (:mod:`.adapter`). Ev
 from capret_utils.encoders.adapter import X2VLMEncoder  # noqa: F401
 from capret_utils.encoders.base import WEIGHTS, Encoder  # noqa: F401
 from capret_utils.encoders.hf import HFEncoder, load_hf  # noqa: F401
-from capret_utils.encoders.openclip import OpenCLIPEncoder, load_open_clip, require_open_clip  # noqa: F401
+from capret_utils.encoders.openclip import (  # noqa: F401
+    TINY_OPEN_CLIP,
+    OpenCLIPEncoder,
+    build_tiny_open_clip,
+    load_open_clip,
+    require_open_clip,
+    save_open_clip,
+)
 from capret_utils.encoders.registry import (  # noqa: F401
     KNOWN,
     KnownEncoder,

@@ -19,7 +19,7 @@ import torch
 
 from capret_utils.encoders.base import Encoder
 from capret_utils.encoders.hf import load_hf
-from capret_utils.encoders.openclip import is_open_clip_source, load_open_clip
+from capret_utils.encoders.openclip import TINY_OPEN_CLIP, build_tiny_open_clip, is_open_clip_source, load_open_clip
 from capret_utils.encoders.tiny import TINY_FAMILIES, build_tiny_encoder
 
 
@@ -81,15 +81,17 @@ def row_label(spec: str) -> str:
 
 def load_encoder(spec: str | os.PathLike, device: str | torch.device = "cpu",
                  model_dir: str | os.PathLike | None = None) -> Encoder:
-    """The encoder ``spec`` names: a ``tiny-*`` alias (:data:`~capret_utils.encoders.tiny.TINY_FAMILIES`; built
-    once under ``model_dir`` and loaded from there like any folder), an open_clip source (``hf-hub:<id>``,
+    """The encoder ``spec`` names: a ``tiny-*`` alias (:data:`~capret_utils.encoders.tiny.TINY_FAMILIES`, or
+    ``tiny-open_clip`` when open_clip imports; built once under ``model_dir`` and loaded from there like any folder), an open_clip source (``hf-hub:<id>``,
     ``open_clip:<arch>[@<tag>]`` or a folder with ``open_clip_config.json``; needs open_clip, else an ImportError
     says what to install), or a transformers hub id / ``save_pretrained`` folder (CLIP, SigLIP, SigLIP 2,
     DINOv2)."""
     s = str(spec)
-    if s in TINY_FAMILIES:
+    if s in TINY_FAMILIES or s == TINY_OPEN_CLIP:
         if model_dir is None:
             raise ValueError(f"encoder {s!r} is a tiny random test model: pass model_dir (where it is built)")
+        if s == TINY_OPEN_CLIP:
+            return load_open_clip(build_tiny_open_clip(model_dir), device=device, name=s)
         return load_hf(build_tiny_encoder(s, model_dir), device=device, name=s)
     known = KNOWN.get(s)
     if is_open_clip_source(s):

@@ -88,6 +88,7 @@ from capret_utils.train.loop import (  # noqa: F401
     evaluate,
     finetune,
     headline,
+    score_item_sets,
     seed_everything,
     suppress_known_warnings,
     total_steps_for,

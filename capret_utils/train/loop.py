@@ -86,15 +86,7 @@ def evaluate(bundle: E.ModelBundle, items: pd.DataFrame, config: TrainConfig | N
     queries, gallery = metrics.item_sets(items)
     _, q = embed_items(queries, bundle, ecfg, store=store)
     _, g = embed_items(gallery, bundle, ecfg, store=store)
-    res = metrics.evaluate_items(q, g, queries, gallery, ks=EVAL_KS,
-                                 config=metrics.EvalConfig(progress=False, device="cpu"))
-    out = {k: float(res.metrics[k]) for k in [f"top{k}" for k in EVAL_KS] + ["mAP"]}
-    out["n_queries"], out["n_gallery"] = int(res.metrics["n_evaluated"]), int(res.metrics["n_gallery"])
-    if "hit@1" in res.per_query and "ap" in res.per_query:  # 95 % intervals: Wilson for hit@1, bootstrap for mAP
-        from capret_utils.evaluation import stats
-
-        out["top1_lo"], out["top1_hi"] = stats.wilson_interval(res.per_query["hit@1"])
-        out["mAP_lo"], out["mAP_hi"] = stats.bootstrap_interval(res.per_query["ap"], seed=0)
+    out = score_item_sets(q, g, queries, gallery)
     if image_level:
         qi, gi = metrics.image_sets(items)
         _, qe = embed_images(qi, bundle, ecfg, store=store)
@@ -102,6 +94,22 @@ def evaluate(bundle: E.ModelBundle, items: pd.DataFrame, config: TrainConfig | N
         r2 = metrics.evaluate_images(qe, ge, qi, gi, ks=EVAL_KS,
                                      config=metrics.EvalConfig(progress=False, device="cpu"))
         out["image_level"] = {k: float(r2.metrics[k]) for k in [f"top{k}" for k in EVAL_KS] + ["mAP"]}
+    return out
+
+
+def score_item_sets(q: np.ndarray, g: np.ndarray, queries: pd.DataFrame, gallery: pd.DataFrame) -> dict[str, Any]:
+    """:func:`evaluate`'s numbers from item embeddings of ``metrics.item_sets``: hit@k (``top<k>``, k in
+    :data:`EVAL_KS`), mAP, ``n_queries`` / ``n_gallery`` and the 95 % intervals (Wilson for top1, seeded
+    bootstrap for mAP). Peer encoders (:mod:`capret_utils.train.peers`) are scored by the same function."""
+    from capret_utils.evaluation import metrics, stats
+
+    res = metrics.evaluate_items(q, g, queries, gallery, ks=EVAL_KS,
+                                 config=metrics.EvalConfig(progress=False, device="cpu"))
+    out: dict[str, Any] = {k: float(res.metrics[k]) for k in [f"top{k}" for k in EVAL_KS] + ["mAP"]}
+    out["n_queries"], out["n_gallery"] = int(res.metrics["n_evaluated"]), int(res.metrics["n_gallery"])
+    if "hit@1" in res.per_query and "ap" in res.per_query:  # 95 % intervals: Wilson for hit@1, bootstrap for mAP
+        out["top1_lo"], out["top1_hi"] = stats.wilson_interval(res.per_query["hit@1"])
+        out["mAP_lo"], out["mAP_hi"] = stats.bootstrap_interval(res.per_query["ap"], seed=0)
     return out
 
 
