@@ -297,3 +297,26 @@ def test_image_level_failure_views(items):
             cfo.save_failure_views(ds, "v/image", level="pixels")
     finally:
         cfo.delete_dataset(name)
+
+
+@pytest.mark.fiftyone
+def test_processes_connecting_at_the_same_moment_share_one_database_service(tmp_path):
+    """Three processes connect to a fresh database folder at once: the connect lock lets the first start mongod and
+    the others join it (without it the losers failed with "failed to bind to port")."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FIFTYONE_DATABASE_DIR=str(tmp_path / "db"), FIFTYONE_DO_NOT_TRACK="true",
+               FIFTYONE_DATABASE_VALIDATION="false")
+    env.pop("FIFTYONE_PRIVATE_DATABASE_PORT", None)
+    code = ("import time, sys; t = float(sys.argv[1]); time.sleep(max(0.0, t - time.time()))\n"
+            "from capret_utils.viz import fo\nprint(len(fo.fiftyone_connected().list_datasets()))")
+    start = __import__("time").time() + 6.0  # all three past their imports before the same instant
+    # output to files, not pipes: the database service a client starts inherits them and outlives the client
+    logs = [(tmp_path / f"out{i}.txt", tmp_path / f"err{i}.txt") for i in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(start)], env=env, stdout=open(o, "w"),
+                              stderr=open(e, "w")) for o, e in logs]
+    for p, (out, err) in zip(procs, logs):
+        assert p.wait(timeout=240) == 0, err.read_text()[-2000:]
+        assert out.read_text().strip() == "0"

@@ -34,6 +34,7 @@ subprocess server and headless-Chromium helpers used by the browser test.
 
 from __future__ import annotations
 
+import fcntl
 import math
 import re
 import uuid
@@ -48,6 +49,29 @@ from capret_utils.data.df2 import identity_key
 
 if TYPE_CHECKING:  # fiftyone is imported lazily: importing it costs ~2 s
     import fiftyone as fo
+
+_CONNECTED = False  # this process has connected to FiftyOne's database (see fiftyone_connected)
+
+
+def fiftyone_connected() -> Any:
+    """``import fiftyone`` with its database connected. A process's first connect holds an exclusive lock file in
+    FiftyOne's database folder: two processes starting at once (a sweep beside a notebook) would otherwise both
+    launch ``mongod`` on the same folder, and the second failed with "failed to bind to port"."""
+    global _CONNECTED
+    import fiftyone as fo
+
+    if not _CONNECTED:
+        folder = Path(fo.config.database_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / ".capret-connect.lock", "a+") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # the next process waits until this one's mongod serves
+            try:
+                fo.list_datasets()  # the first database call starts (or joins) the service
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        _CONNECTED = True
+    return fo
+
 
 LABEL_FIELD = "items"
 KEYPOINTS_FIELD = "landmarks"
@@ -254,7 +278,7 @@ def build_dataset(items: pd.DataFrame, name: str, config: BuildConfig = BuildCon
     exists and ``config.overwrite`` is False.
     """
     _check_items(items)
-    import fiftyone as fo
+    fo = fiftyone_connected()
 
     if not config.overwrite and fo.dataset_exists(name):
         raise FileExistsError(f"FiftyOne dataset {name!r} exists (BuildConfig.overwrite=False)")
@@ -298,7 +322,7 @@ def _python_dict(d: Mapping[str, Any]) -> dict[str, Any]:
 
 def load_dataset(name: str) -> "fo.Dataset":
     """Load an existing dataset with a clear error that lists what exists."""
-    import fiftyone as fo
+    fo = fiftyone_connected()
 
     if not fo.dataset_exists(name):
         raise ValueError(f"no FiftyOne dataset named {name!r}; existing: {sorted(fo.list_datasets())}")
@@ -307,7 +331,7 @@ def load_dataset(name: str) -> "fo.Dataset":
 
 def delete_dataset(name: str) -> bool:
     """Delete the dataset if it exists; returns whether it existed."""
-    import fiftyone as fo
+    fo = fiftyone_connected()
 
     if fo.dataset_exists(name):
         fo.delete_dataset(name)
