@@ -20,7 +20,21 @@ GRACE_S = 10.0  # seconds a descendant gets to exit after SIGTERM before SIGKILL
 def terminate_descendants(grace_s: float = GRACE_S) -> int:
     """SIGTERM every descendant of this process (kernels, their workers, servers), SIGKILL those still alive after
     ``grace_s``; returns how many there were."""
-    children = psutil.Process().children(recursive=True)  # listed before any exits, so grandchildren stay known
+    return _terminate(psutil.Process().children(recursive=True), grace_s)
+
+
+def terminate_tree(pid: int, grace_s: float = GRACE_S) -> int:
+    """SIGTERM process ``pid`` and every descendant of it (e.g. ``torchrun`` and its ranks, with their loader
+    workers), SIGKILL those still alive after ``grace_s``; returns how many were alive."""
+    try:
+        root = psutil.Process(pid)
+        return _terminate(root.children(recursive=True) + [root], grace_s)
+    except psutil.NoSuchProcess:
+        return 0
+
+
+def _terminate(children: list[psutil.Process], grace_s: float) -> int:
+    # listed before any exits, so grandchildren stay known
     for child in children:
         try:
             child.terminate()
