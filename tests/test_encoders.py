@@ -157,6 +157,76 @@ def test_open_clip_is_guarded_with_an_install_hint():
     assert not openclip.is_open_clip_source("patrickjohncyh/fashion-clip")
 
 
+def _open_clip():
+    """open_clip, or skip: it needs a torchvision that imports beside torch (not the project venv's torch
+    2.13.0+cpu); README "Baselines" gives the side-venv command that runs these tests."""
+    try:
+        return openclip.require_open_clip()
+    except ImportError as err:
+        cause = err.__cause__ or err
+        pytest.skip(f"open_clip not importable ({type(cause).__name__}: {cause}); README 'Baselines' gives the side "
+                    f"venv that runs these tests")
+
+
+@pytest.fixture(scope="module")
+def open_clip_dir(tmp_path_factory):
+    _open_clip()
+    folder = tmp_path_factory.mktemp("tiny-open_clip")
+    openclip.build_tiny_open_clip(folder)
+    return folder
+
+
+def test_tiny_open_clip_loads_through_load_encoder(open_clip_dir, images):
+    enc = encoders.load_encoder(openclip.TINY_OPEN_CLIP, model_dir=open_clip_dir)
+    assert isinstance(enc, encoders.OpenCLIPEncoder) and enc.family == "open_clip" and enc.weights == "random-init"
+    assert enc.has_text and enc.image_size == 32 and enc.embed_dim == openclip.TINY_OPEN_CLIP_CFG["embed_dim"]
+    folder = open_clip_dir / openclip.TINY_OPEN_CLIP
+    assert {p.name for p in folder.iterdir()} >= {openclip.OPEN_CLIP_CONFIG, openclip.OPEN_CLIP_WEIGHTS}
+    vec = enc.encode_images(images, batch_size=2)
+    assert vec.shape == (len(images), enc.embed_dim) and vec.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vec, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(enc.encode_images(images, batch_size=5), vec, atol=1e-5)
+    txt = enc.encode_texts(["An image of a trousers with viewpoint 2", "skirt"])
+    np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1.0, atol=1e-5)
+    again = encoders.load_encoder(str(folder))  # the folder code path (as an hf-hub: id's files)
+    assert again.weights == "random-init" and again.name == str(folder)
+    np.testing.assert_allclose(again.encode_images(images), vec, atol=1e-6)  # same weights (float noise only)
+
+
+def test_open_clip_preprocessing_is_its_eval_transform(open_clip_dir, images):
+    open_clip = _open_clip()
+    folder = open_clip_dir / openclip.TINY_OPEN_CLIP
+    enc = encoders.load_encoder(str(folder))
+    _, _, own = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    ref = open_clip.image_transform(32, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN,
+                                    std=open_clip.OPENAI_DATASET_STD)  # the tiny config's defaults, spelt out
+    got = enc.preprocess(images)["pixel_values"]
+    for i, im in enumerate(images):
+        torch.testing.assert_close(got[i], own(im.convert("RGB")), rtol=0, atol=0)
+        torch.testing.assert_close(got[i], ref(im.convert("RGB")), rtol=0, atol=0)
+    tok = open_clip.get_tokenizer(f"local-dir:{folder}")
+    torch.testing.assert_close(enc.tokenize(["a skirt"])["text"], tok(["a skirt"]))
+
+
+def test_open_clip_lora_step_saves_and_loads_back(open_clip_dir, train_items, tmp_path, images):
+    from capret_utils.train import peers as tp
+
+    enc = encoders.load_encoder(str(open_clip_dir / openclip.TINY_OPEN_CLIP))
+    base = enc.encode_images(images)
+    out = tp.finetune_encoder(enc, train_items, tp.PeerTrainConfig(steps=2, batch_size=6, lr=0.05))
+    assert out["itc"] and all(np.isfinite(r["loss_arcface"]) and np.isfinite(r["loss_itc"]) for r in out["history"])
+    lora_b = {n: p for n, p in enc.module.named_parameters() if "lora_B" in n}
+    assert lora_b and all(not torch.equal(p, torch.zeros_like(p)) for p in lora_b.values())
+    assert out["lora"]["lora_modules"] > 0 and out["lora"]["trainable"] < out["lora"]["total"]
+    tuned = enc.encode_images(images)
+    assert not np.allclose(base, tuned, atol=1e-4)
+    folder = tp.save_encoder(enc, tmp_path / "tuned", info={"steps": 2})
+    back = encoders.load_encoder(str(folder))
+    assert isinstance(back, encoders.OpenCLIPEncoder) and back.weights == "fine-tuned"
+    np.testing.assert_allclose(back.encode_images(images), tuned, atol=1e-5)
+    np.testing.assert_allclose(back.encode_texts(["a skirt"]), enc.encode_texts(["a skirt"]), atol=1e-5)
+
+
 def test_registry_and_labels():
     assert {"clip", "siglip", "siglip2", "dinov2", "open_clip"} <= {e.family for e in encoders.KNOWN.values()}
     for e in encoders.KNOWN.values():
@@ -306,3 +376,98 @@ def test_finetune_refuses_items_without_identities(tiny_dir, train_items):
     with pytest.raises(ValueError, match="caption store"):  # dialogue texts need notebook 02's captions
         tp.finetune_encoder(clip, train_items, tp.PeerTrainConfig(text="dialogue", batch_size=4))
     assert isinstance(pd.DataFrame(), pd.DataFrame)
+
+
+def _fixed_batch(items: pd.DataFrame, identities: int = 4, per: int = 2) -> pd.DataFrame:
+    """``identities`` identities with exactly ``per`` items each: every P×K batch of that size is the same batch."""
+    lab = items[items["style"] > 0]
+    groups = [g.head(per) for _, g in lab.groupby(["pair_id", "style"]) if len(g) >= per][:identities]
+    assert len(groups) == identities
+    return pd.concat(groups, ignore_index=True)
+
+
+def test_a_few_steps_lower_the_arcface_loss(tiny_dir, train_items):
+    from capret_utils.train import peers as tp
+
+    items = _fixed_batch(train_items)
+    enc = encoders.load_encoder("tiny-dinov2", model_dir=tiny_dir)
+    out = tp.finetune_encoder(enc, items, tp.PeerTrainConfig(steps=8, batch_size=8, per_identity=2, lr=0.02,
+                                                             lr_arcface=0.05, margin=0.1))
+    losses = [r["loss_arcface"] for r in out["history"]]
+    assert losses[-1] < 0.8 * losses[0], losses  # the same 8 crops every step: the loss on them falls
+
+
+def test_cosine_schedule_and_mid_run_evaluations(tiny_dir, train_items):
+    from capret_utils.train import peers as tp
+
+    enc = encoders.load_encoder("tiny-dinov2", model_dir=tiny_dir)
+    seen = []
+    cfg = tp.PeerTrainConfig(steps=4, batch_size=4, per_identity=2, lr=0.01, schedule="cosine", warmup=0.25,
+                             eval_every=2)
+    out = tp.finetune_encoder(enc, train_items, cfg, evaluate=lambda e: {"top1": 0.5}, callback=seen.append)
+    train_rows = [r for r in out["history"] if r["kind"] == "train"]
+    assert [r["kind"] for r in out["history"]] == ["train", "train", "eval", "train", "train"] and seen == out["history"]
+    lrs = [r["lr"] for r in train_rows]  # warm-up step (1 of 4), then cosine decay from the peak
+    assert lrs[0] == pytest.approx(0.005) and lrs[1] == pytest.approx(0.01) and lrs[1] > lrs[2] > lrs[3] > 0
+
+
+def test_peer_config_from_notebook_parameters():
+    from capret_utils.train import peers as tp
+
+    params = {"encoder": "tiny-clip", "epochs": 2, "max_steps": 0, "batch_size": 16, "per_identity": 2, "lr": 1e-4,
+              "arcface_scale": 20.0, "margin": 0.2, "use_captions": "none", "w_itc": 0.5, "seed": 3, "model": "demo"}
+    cfg = tp.peer_config(params, n_items=50)
+    assert (cfg.steps, cfg.batch_size, cfg.per_identity, cfg.lr, cfg.scale, cfg.margin) == (8, 16, 2, 1e-4, 20.0, 0.2)
+    assert (cfg.text, cfg.w_itc, cfg.seed, cfg.schedule, cfg.warmup) == ("category", 0.5, 3, "cosine", 0.1)
+    assert tp.peer_config({**params, "max_steps": 5}, 50).steps == 5
+    assert tp.peer_config(params, 50, "{context: 0.1, schedule: constant}").context == 0.1
+    with pytest.raises(ValueError, match=r"\['w_box'\] are not PeerTrainConfig fields"):
+        tp.peer_config(params, 50, "{w_box: 0.0}")
+    smoke = tp.peer_config(params, 50, smoke=True)
+    assert (smoke.steps, smoke.batch_size, smoke.per_identity, smoke.eval_every) == (3, 8, 2, 0)
+
+
+@pytest.mark.parametrize("alias", ["tiny-clip", openclip.TINY_OPEN_CLIP])
+def test_run_peer_finetune_writes_a_run_that_notebook_04_loads(alias, smoke_root, tmp_path, images):
+    import json
+
+    from capret_utils.evaluation import analysis, peers
+    from capret_utils.train import peers as tp
+
+    if alias == openclip.TINY_OPEN_CLIP:
+        _open_clip()
+    params = {"encoder": alias, "smoke": True, "max_steps": 2, "use_captions": "template", "lr": 0.01, "seed": 0,
+              "select_fraction": 0.05, "bad_annotations": "raise", "resume": True, "w_box": 1.0}
+    run = tmp_path / "run"
+    res = tp.run_peer_finetune(params, run, root=smoke_root, log=lambda s: None)
+    metrics = json.loads((run / "metrics.json").read_text())
+    written = json.loads((run / "params.json").read_text())["params"]
+    assert written["encoder"] == alias and written["weights"] == "random-init" and written["ignored"] == ["w_box"]
+    assert written["peer_config"]["steps"] == 2 and written["finetune_mode_effective"] == "lora"
+    assert metrics["encoder"] == alias and metrics["weights"] == "fine-tuned" and metrics["base_weights"] == "random-init"
+    for role in ("select", "test"):  # selected on one split, reported on the other, as X2-VLM's run
+        for phase in ("zero_shot", "finetuned"):
+            assert {"top1", "top5", "top10", "top20", "mAP", "top1_lo", "mAP_hi"} <= set(metrics[role][phase])
+    assert metrics["splits"] == {"train": "train", "select": "validation", "test": "test"} and metrics["itc"]
+    assert metrics["steps"] == 2 and metrics["resumed_from"] is None and (run / "history.csv").is_file()
+    assert list(res.history["kind"]) == ["train", "train"]
+    folder = res.checkpoint
+    assert folder == run / "checkpoint" / f"{alias}-ft" and metrics["checkpoint"] == str(folder)
+    # the checkpoint reloads to identical embeddings, and test metrics are those of the reloaded encoder
+    back = encoders.load_encoder(str(folder))
+    assert back.weights == "fine-tuned"
+    np.testing.assert_allclose(back.encode_images(images), res.encoder.encode_images(images), atol=1e-5)
+    # notebook 04's `encoders` parameter takes the folder: a fine-tuned row next to X2-VLM's
+    from capret_utils.data import df2
+    from capret_utils.runs import paths
+
+    data = analysis.RetrievalData.build(df2.load_items(paths.split_dir(smoke_root, "test")))
+    cfg = analysis.AnalysisConfig(batch_size=16, progress=False, device="cpu")
+    rows, info = peers.run_encoders(str(folder), data, cfg, pcfg=peers.PeerConfig(progress=False, device="cpu"))
+    label = f"{alias}-ft"
+    assert rows[0].name == f"{label}/crop" and info[label]["weights"] == "fine-tuned"
+    assert rows[0].metrics["mAP"] == pytest.approx(metrics["test"]["finetuned"]["mAP"])
+    # a second run of the same parameters reuses the finished checkpoint
+    again = tp.run_peer_finetune(params, run, root=smoke_root, log=lambda s: None)
+    assert again.metrics["resumed_from"] == "finished checkpoint"
+    assert again.comparison["test"] == res.comparison["test"]

@@ -51,3 +51,22 @@ def test_chain_outputs(smoke_run):
     assert "fine-tuned/crop+oracle-dialogue-late" in set(variants["name"])
     text = demo.report(out)
     assert "Retrieval variants" in text
+
+
+def test_notebook_03_fine_tunes_a_peer_encoder(tmp_path):
+    """``-p encoder tiny-clip``: the X2-VLM cells skip, the peer section trains, selects and tests; notebook 04's
+    ``encoders`` parameter takes the fine-tuned folder (``tests/test_encoders.py`` checks that row)."""
+    from capret_utils.common import repo_root
+    from capret_utils.encoders import load_encoder
+    from capret_utils.runs import sweep
+
+    run = tmp_path / "03_peer"
+    status = sweep.run_notebook(repo_root() / "notebooks" / "03_finetune.ipynb", run,
+                                {"encoder": "tiny-clip", "smoke": True, "use_captions": "template"})
+    assert status["status"] == "ok", (status.get("error_type"), status.get("error"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["encoder"] == "tiny-clip" and metrics["weights"] == "fine-tuned" and metrics["steps"] == 3
+    for role in ("select", "test"):
+        assert {"top1", "mAP", "top1_lo"} <= set(metrics[role]["finetuned"]) <= set(metrics[role]["zero_shot"])
+    assert not (run / "train_state").exists()  # no X2-VLM cell ran
+    assert load_encoder(metrics["checkpoint"]).weights == "fine-tuned"
