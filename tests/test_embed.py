@@ -174,3 +174,27 @@ def test_embed_config_validation():
         E.EmbedConfig(view="mask").validate()
     with pytest.raises(ValueError, match="fusion"):
         E.EmbedConfig(fusion="early").validate()
+
+
+def test_itm_scores_share_each_caption_across_its_candidates_and_equal_one_pair_at_a_time(bundle, val_items):
+    """Blocks of queries (caption encoded once, k fusion pairs) give the scores of a naive one-pair-per-forward loop,
+    whatever the block size (smaller than k, or several queries), with empty slots -inf."""
+    queries, gallery = metrics.item_sets(val_items)
+    qtexts = [f"{c} with a long description number {i}" * (1 + i % 3) for i, c in enumerate(queries["category_name"])]
+    rng = np.random.default_rng(0)
+    tokens = torch.from_numpy(rng.standard_normal((len(gallery), 5, bundle.model.config.vision_width))
+                              .astype(np.float16))
+    rows = np.arange(min(6, len(queries)))
+    cand = rng.integers(0, len(gallery), size=(len(rows), 4))
+    cand[1, 2] = cand[4, 0] = -1
+    naive = np.full(cand.shape, -np.inf, dtype=np.float32)
+    with torch.no_grad():
+        for i, j in zip(*np.nonzero(cand >= 0)):
+            enc = bundle.tokenizer([qtexts[rows[i]]])
+            te = bundle.model.get_text_embeds(enc["input_ids"], enc["attention_mask"])
+            fused = bundle.model.get_fusion_embeds(te, enc["attention_mask"], tokens[[cand[i, j]]].float())
+            naive[i, j] = bundle.model.itm_logits(fused)[0, 1].item()
+    for batch_size in (1, 4, 9, 64):
+        got = E.itm_scores(bundle, qtexts, rows, cand, lambda r: tokens[torch.as_tensor(r)],
+                           E.EmbedConfig(batch_size=batch_size, bf16=False, progress=False))
+        np.testing.assert_allclose(got, naive, atol=1e-4)

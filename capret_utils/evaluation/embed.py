@@ -300,27 +300,31 @@ class ITMReranker:
 @torch.no_grad()
 def itm_scores(bundle: ModelBundle, query_texts: Sequence[str], query_rows: np.ndarray, candidates: np.ndarray,
                tokens_of: Callable[[np.ndarray], torch.Tensor], config: EmbedConfig) -> np.ndarray:
-    """Raw ITM "match" logits ``(b, k)`` of (query caption, candidate gallery view) pairs, ``config.batch_size``
-    pairs at a time; -inf for empty slots (-1). ``tokens_of(gallery rows)`` gives those rows' image tokens (held in
-    memory by :class:`ITMReranker`, read from an on-disk memmap by
-    :class:`capret_utils.evaluation.features.TokenITMReranker`)."""
+    """Raw ITM "match" logits ``(b, k)`` of (query caption, candidate gallery view) pairs; -inf for empty slots (-1).
+    ``tokens_of(gallery rows)`` gives those rows' image tokens (held in memory by :class:`ITMReranker`, read from an
+    on-disk memmap by :class:`capret_utils.evaluation.features.TokenITMReranker`).
+
+    Queries go in blocks of about ``config.batch_size`` pairs (at least one query, i.e. its ``k`` pairs); each
+    query's caption is tokenized and text-encoded once per block and shared by its ``k`` candidates (the text
+    encoder does not see the image), so only the fusion layers run per pair."""
     query_rows = np.asarray(query_rows, dtype=np.int64)
     candidates = np.asarray(candidates, dtype=np.int64)
     b, k = candidates.shape
     scores = np.full((b, k), -np.inf, dtype=np.float32)
-    pairs = [(i, j) for i in range(b) for j in range(k) if candidates[i, j] >= 0]
     model, device = bundle.model.eval(), bundle.device
-    for sl in _batches(len(pairs), max(1, config.batch_size)):
-        chunk = pairs[sl]
-        enc = bundle.tokenizer([query_texts[query_rows[i]] for i, _ in chunk])
+    for sl in _batches(b, max(1, config.batch_size // max(k, 1))):
+        block = candidates[sl]
+        local, slot = np.nonzero(block >= 0)
+        if not len(local):
+            continue
+        enc = bundle.tokenizer([query_texts[r] for r in query_rows[sl]])
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        image_embeds = tokens_of(np.asarray([int(candidates[i, j]) for i, j in chunk], dtype=np.int64)).to(device)
+        image_embeds = tokens_of(block[local, slot]).to(device)
+        pick = torch.as_tensor(local, device=device)
         with autocast(device, config.bf16):
             text_embeds = model.get_text_embeds(ids, mask)
-            fused = model.get_fusion_embeds(text_embeds, mask, image_embeds.to(text_embeds.dtype))
-            logits = model.itm_logits(fused)[:, 1].float().cpu().numpy()
-        for (i, j), s in zip(chunk, logits):
-            scores[i, j] = s
+            fused = model.get_fusion_embeds(text_embeds[pick], mask[pick], image_embeds.to(text_embeds.dtype))
+            scores[sl][local, slot] = model.itm_logits(fused)[:, 1].float().cpu().numpy()
     return scores
 
 
