@@ -16,7 +16,8 @@ def _fake_run(out, seed, crop_top1, gallery_top1):
     (run / "03_finetune").mkdir()
     pd.DataFrame([{"name": "fine-tuned/crop", "text_source": "none", "top1": crop_top1, "mAP": crop_top1 + 0.01},
                   {"name": "fine-tuned/crop+dialogue-gallery", "text_source": "gallery-only", "top1": gallery_top1,
-                   "mAP": gallery_top1}]).to_csv(run / "04_retrieval" / "variants.csv", index=False)
+                   "mAP": gallery_top1, "delta_mAP": gallery_top1 - crop_top1 - 0.01,
+                   "p_top1": 0.01 if gallery_top1 < crop_top1 else 0.5}]).to_csv(run / "04_retrieval" / "variants.csv", index=False)
     (run / "03_finetune" / "metrics.json").write_text(json.dumps(
         {"test": {"zero_shot": {"top1": 0.05, "mAP": 0.1}, "finetuned": {"top1": crop_top1, "mAP": 0.9}},
          "select": {"finetuned": {"top1": 1.0, "mAP": 1.0}}}))
@@ -31,6 +32,12 @@ def test_summary_is_mean_and_sample_sd_over_seeds(tmp_path):
     assert crop["top1_mean"] == pytest.approx(0.9) and crop["top1_sd"] == pytest.approx(0.1)
     assert summary.loc["fine-tuned/crop+dialogue-gallery", "top1_mean"] == pytest.approx(0.8)
     assert summary.loc["fine-tuned/crop+dialogue-gallery", "text_source"] == "gallery-only"
+    # t interval of the mean, by hand: 0.9 ± t(0.975, 2) · 0.1 / sqrt(3), t = 4.302653
+    half = 4.302653 * 0.1 / 3 ** 0.5
+    assert crop["top1_ci_lo"] == pytest.approx(0.9 - half, abs=1e-5)
+    assert crop["top1_ci_hi"] == pytest.approx(0.9 + half, abs=1e-5)
+    gallery = summary.loc["fine-tuned/crop+dialogue-gallery"]  # ΔmAP per seed: 0.09, -0.01, -0.41
+    assert gallery["delta_mAP_mean"] == pytest.approx(-0.11) and gallery["seeds_p_below_0.05"] == 1
     # notebook 03's test numbers, never its select numbers
     assert summary.loc["03 finetuned (test)", "mAP_mean"] == pytest.approx(0.9)
     assert (tmp_path / "seeds_summary.csv").is_file() and (tmp_path / "seeds_summary.json").is_file()

@@ -54,7 +54,7 @@ def collect(out: str | Path) -> pd.DataFrame:
         table = run / "04_retrieval" / demo.VARIANTS_FILE
         if table.is_file():
             frame = pd.read_csv(table)
-            keep = [c for c in ("name", "text_source", "top1", "mAP") if c in frame]
+            keep = [c for c in ("name", "text_source", "top1", "mAP", "delta_mAP", "p_top1") if c in frame]
             rows += [{"data_seed": seed, **r} for r in frame[keep].to_dict("records")]
         finetune = run / "03_finetune" / "metrics.json"
         if finetune.is_file():
@@ -67,19 +67,40 @@ def collect(out: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _t_interval(values: pd.Series, level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean over data seeds (NaN with fewer than 2 seeds)."""
+    from scipy import stats
+
+    v = values.dropna().to_numpy(dtype=float)
+    if len(v) < 2:
+        return float("nan"), float("nan")
+    lo, hi = stats.t.interval(level, len(v) - 1, loc=v.mean(), scale=stats.sem(v))
+    return float(lo), float(hi)
+
+
 def summarise(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean, sample sd and n over data seeds of test hit@1 and mAP, per row name (in first-seen order)."""
+    """Per row name (in first-seen order), over data seeds: mean, sample sd and 95 % Student-t interval of the mean
+    of test hit@1 and mAP; mean and sd of the paired ΔmAP against the row's baseline (the same model's ``crop``,
+    from each seed's variant table) and on how many seeds its exact McNemar test gave p < 0.05."""
+    columns = ["name", "text_source", "n_seeds", "seeds", "top1_mean", "top1_sd", "top1_ci_lo", "top1_ci_hi",
+               "mAP_mean", "mAP_sd", "mAP_ci_lo", "mAP_ci_hi", "delta_mAP_mean", "delta_mAP_sd", "seeds_p_below_0.05"]
     if not len(frame):
-        return pd.DataFrame(columns=["name", "text_source", "n_seeds", "top1_mean", "top1_sd", "mAP_mean", "mAP_sd"])
-    grouped = frame.groupby("name", sort=False)
-    out = pd.DataFrame({
-        "text_source": grouped["text_source"].first(),
-        "n_seeds": grouped["data_seed"].nunique(),
-        "seeds": grouped["data_seed"].apply(lambda s: " ".join(str(v) for v in sorted(s))),
-        "top1_mean": grouped["top1"].mean(), "top1_sd": grouped["top1"].std(ddof=1),
-        "mAP_mean": grouped["mAP"].mean(), "mAP_sd": grouped["mAP"].std(ddof=1),
-    }).reset_index()
-    return out
+        return pd.DataFrame(columns=columns)
+    for col in ("delta_mAP", "p_top1"):
+        if col not in frame:
+            frame = frame.assign(**{col: float("nan")})
+    rows = []
+    for name, g in frame.groupby("name", sort=False):
+        top1_ci, map_ci = _t_interval(g["top1"]), _t_interval(g["mAP"])
+        rows.append({"name": name, "text_source": g["text_source"].iloc[0], "n_seeds": g["data_seed"].nunique(),
+                     "seeds": " ".join(str(v) for v in sorted(g["data_seed"])),
+                     "top1_mean": g["top1"].mean(), "top1_sd": g["top1"].std(ddof=1),
+                     "top1_ci_lo": top1_ci[0], "top1_ci_hi": top1_ci[1],
+                     "mAP_mean": g["mAP"].mean(), "mAP_sd": g["mAP"].std(ddof=1),
+                     "mAP_ci_lo": map_ci[0], "mAP_ci_hi": map_ci[1],
+                     "delta_mAP_mean": g["delta_mAP"].mean(), "delta_mAP_sd": g["delta_mAP"].std(ddof=1),
+                     "seeds_p_below_0.05": int((g["p_top1"] < 0.05).sum())})
+    return pd.DataFrame(rows, columns=columns)
 
 
 def write_summary(out: str | Path) -> pd.DataFrame:
