@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 
 from capret_utils.common import atomic_path, repo_root, write_json
@@ -74,6 +75,8 @@ def _t_interval(values: pd.Series, level: float = 0.95) -> tuple[float, float]:
     v = values.dropna().to_numpy(dtype=float)
     if len(v) < 2:
         return float("nan"), float("nan")
+    if np.ptp(v) == 0:  # identical on every seed: no spread to scale
+        return float(v[0]), float(v[0])
     lo, hi = stats.t.interval(level, len(v) - 1, loc=v.mean(), scale=stats.sem(v))
     return float(lo), float(hi)
 
