@@ -207,3 +207,168 @@ def test_run_box_modes_smoke(tmp_path):
     assert len(set(n.values())) == 1  # every box mode scores the same GT queries
     entry = detect.metrics_entry(modes)
     assert set(entry["zero-shot"]["official"]) == {"gt", "detected", "oracle"}
+
+
+# ------------------------------------------------------------------------------------------ fast crop paths
+
+
+def photo_files(tmp_path, n: int = 3) -> pd.DataFrame:
+    """``n`` random JPEG photos of different sizes, as a photo table."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(n):
+        w, h = 300 + 97 * i, 420 - 60 * i
+        path = tmp_path / f"p{i}.jpg"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path, quality=90)
+        rows.append({"key": f"s/{i:06d}", "split": "s", "image_id": i, "source": "user" if i else "shop",
+                     "path": str(path), "width": w, "height": h})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("draft", [False, True])
+def test_store_crops_match_one_decode_per_crop(tmp_path, draft):
+    from capret_utils.data.decode import ImageStore
+
+    photos = photo_files(tmp_path)
+    row = photos.iloc[2].to_dict()
+    boxes = np.array([[10, 20, 200, 300], [50.5, 60.2, 120.7, 140.1], [0, 0, row["width"], row["height"]]])
+    # all regions need the same draft scale (so the pixels agree): long sides well above 2 x side or all below
+    side = 32 if draft else 64
+    many = ImageStore(side, draft=draft).crops(row, boxes, 0.1)
+    for b, got in zip(boxes, many):
+        one = ImageStore(side, draft=draft).crop({**row, "x1": b[0], "y1": b[1], "x2": b[2], "y2": b[3]}, 0.1)
+        if draft:  # the one-decode path decodes for the smallest region: never smaller than each crop's own
+            assert got.size == one.size or max(got.size) == side
+        else:
+            assert got.size == one.size and np.array_equal(np.asarray(got), np.asarray(one))
+
+
+def naive_crop_scores(photos, boxes, bundle, head):
+    """Reference: one ImageStore.crop + one vision pass per candidate box, ITC / head softmax by hand."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        _, _, text_feat = detect._category_texts(bundle)
+    store = bundle.store()
+    feats = []
+    for i, row in enumerate(photos.to_dict("records")):
+        for b in boxes[i]:
+            im = store.crop({**row, "x1": b[0], "y1": b[1], "x2": b[2], "y2": b[3]}, bundle.info["context"])
+            pv = torch.from_numpy(bundle.processor.process_one(im, train=False)[0])[None]
+            with torch.no_grad():
+                feats.append(bundle.model.get_image_embeds(pv)[1][0])
+    feat = torch.stack(feats)
+    itc = (feat @ text_feat.t() / bundle.model.temp.detach()).softmax(-1)
+    hd = (30.0 * F.normalize(feat, dim=-1) @ F.normalize(head, dim=0)).softmax(-1)
+    shape = boxes.shape[:2]
+    return feat.numpy().reshape(*shape, -1), itc.numpy().reshape(*shape, 13), hd.numpy().reshape(*shape, 13)
+
+
+def test_crop_scores_match_naive_reference(tmp_path):
+    import torch
+
+    from _tiny_bundle import make_tiny_bundle
+    from capret_utils.evaluation import crop_scores
+
+    bundle = make_tiny_bundle()
+    bundle.info["cache_side"] = 4096  # no shrinking: both paths cut the same full-size pixels
+    photos = photo_files(tmp_path)
+    rng = np.random.default_rng(2)
+    boxes = np.concatenate([rng.uniform(0, 100, (3, 4, 2)), rng.uniform(150, 250, (3, 4, 2))], axis=-1)
+    valid = np.ones((3, 4), bool)
+    valid[1, 2:] = False  # a photo with fewer candidates: NaN there
+    head = torch.randn(int(bundle.model.config.embed_dim), 13)
+    with torch.no_grad():
+        _, _, text_feat = detect._category_texts(bundle)
+    got = crop_scores.crop_scores(photos, boxes, valid, bundle, text_feat, head, batch_size=2, num_workers=0)
+    feat, itc, hd = naive_crop_scores(photos, boxes, bundle, head)
+    for name, ref in (("feat", feat), ("itc", itc), ("head", hd)):
+        np.testing.assert_allclose(got[name][valid], ref[valid], rtol=1e-4, atol=1e-5, err_msg=name)
+        assert np.isnan(got[name][~valid]).all()
+
+
+def test_crop_slots_are_nms_top_k():
+    rng = np.random.default_rng(3)
+    boxes = random_boxes(rng, 20, 13)
+    itm = rng.uniform(0, 1, (20, 13))
+    slots, valid = detect.crop_slots(boxes, itm, 13, 0.5)
+    assert (slots == np.arange(13)).all() and valid.all()
+    slots, valid = detect.crop_slots(boxes, itm, 4, 0.5)
+    for p in range(20):
+        kept = sorted(naive_nms(boxes[p], itm[p], 0.5), key=lambda i: -itm[p, i])[:4]
+        assert slots[p, valid[p]].tolist() == kept
+
+
+def class_cands(probs: np.ndarray, valid: np.ndarray) -> dict:
+    """Two photos (user, shop), K = 3 cropped boxes each: disjoint boxes, except slot 2 on top of slot 0."""
+    C = len(detect.CATEGORY_IDS)
+    boxes = np.zeros((2, C, 4))
+    boxes[:, :, :] = [0, 0, 5, 5]
+    boxes[:, 3] = [0, 0, 40, 40]
+    boxes[:, 5] = [50, 50, 90, 90]
+    boxes[:, 7] = [1, 1, 40, 40]  # IoU with candidate 3 > 0.5
+    slots = np.array([[3, 5, 7], [3, 5, 7]])
+    return {"boxes": boxes, "itm-photo": np.zeros((2, C)), "slots": slots, "valid": valid, "head_probs": probs,
+            "itc_probs": probs[:, :, ::-1]}
+
+
+def test_select_classified_hand_case():
+    photos = photos_frame()
+    probs = np.full((2, 3, 13), 0.01)
+    probs[:, 0, [4, 9]] = [0.6, 0.3]  # box 0: class index 4 then 9
+    probs[:, 1, [2, 0]] = [0.5, 0.4]
+    probs[:, 2, 1] = 0.9  # box 2 overlaps box 0 and is more confident: box 0 is suppressed
+    cfg = detect.DetectConfig(scoring="head-class", crop_candidates=3, classes_per_box=2, max_detections=3)
+    dets = detect.select_detections(photos, class_cands(probs, np.ones((2, 3), bool)), cfg)
+    user = dets[dets["source"] == "user"]
+    ids = detect.CATEGORY_IDS
+    assert user["candidate"].tolist() == [7, 7, 5, 5]
+    assert user["category_id"].tolist() == [ids[1], ids[0], ids[2], ids[0]]
+    assert user["score"].tolist() == pytest.approx([0.9, 0.01, 0.5, 0.4])
+    assert user["rank"].tolist() == [0, 1, 2, 3]
+    shop = dets[dets["source"] == "shop"]  # the gallery side: one class per box
+    assert shop["candidate"].tolist() == [7, 5] and shop["category_id"].tolist() == [ids[1], ids[2]]
+    assert (shop[["x1", "y1", "x2", "y2"]].to_numpy()[0] == [1, 1, 40, 40]).all()
+    # max_detections counts boxes; min_score drops weak classes; itc-class reads the other distribution
+    one = detect.select_detections(photos, class_cands(probs, np.ones((2, 3), bool)),
+                                   detect.DetectConfig(scoring="head-class", crop_candidates=3, classes_per_box=2,
+                                                       max_detections=1, min_score=0.2))
+    assert one["category_id"].tolist() == [ids[1], ids[1]]
+    itc = detect.select_detections(photos, class_cands(probs, np.ones((2, 3), bool)),
+                                   detect.DetectConfig(scoring="itc-class", crop_candidates=3, max_detections=3))
+    assert itc[itc["candidate"] == 7]["category_id"].tolist() == [ids[11]] * 2  # reversed distribution
+    with pytest.raises(KeyError, match="head"):
+        cands = class_cands(probs, np.ones((2, 3), bool))
+        del cands["head_probs"]
+        detect.select_detections(photos, cands, cfg)
+
+
+def test_photo_without_cropped_box_is_a_miss():
+    """A query photo none of whose candidates got a crop (unreadable file, skipped) yields no detection, and its
+    queries stay misses in the denominator."""
+    photos = detect.photo_table(items_frame())
+    probs = np.full((4, 3, 13), 1 / 13)
+    cands = class_cands(np.full((2, 3, 13), 1 / 13), np.ones((2, 3), bool))
+    C = len(detect.CATEGORY_IDS)
+    cands = {"boxes": np.tile(cands["boxes"][:1], (4, 1, 1)), "itm-photo": np.zeros((4, C)),
+             "slots": np.tile([3, 5, 7], (4, 1)), "valid": np.ones((4, 3), bool), "head_probs": probs}
+    cands["valid"][1] = False  # photo s/000002 (query item 3): nothing cropped
+    dets = detect.select_detections(photos, cands, detect.DetectConfig(scoring="head-class", crop_candidates=3,
+                                                                      max_detections=3))
+    assert "s/000002" not in set(dets["photo_key"])
+    _, summary = detect.detection_report(dets, items_frame(), photos)
+    assert summary["no_detection_photos"] == 1 and summary["n_queries"] == 3
+    assert detect.official_matches(dets, items_frame()).set_index("query_key").loc["s/000002/item1",
+                                                                                  "result_index"] == -1
+
+
+def test_config_rejects_bad_crop_settings():
+    with pytest.raises(ValueError, match="crop_candidates"):
+        detect.DetectConfig(crop_candidates=0).validate()
+    with pytest.raises(ValueError, match="max_detections"):
+        detect.DetectConfig(scoring="itc-class", crop_candidates=2, max_detections=4).validate()
+    with pytest.raises(ValueError, match="category head"):
+        detect.detect_photos(photos_frame(), None, detect.DetectConfig(scoring="head-class", crop_candidates=4))

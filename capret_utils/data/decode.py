@@ -205,6 +205,13 @@ class ImageStore:
         decoded = self._decode(row, request)
         if decoded is None:
             return None
+        out = self._cut(decoded, row, context)
+        self._put(key, out, out)
+        return out
+
+    def _cut(self, decoded: tuple[Image.Image, tuple[int, int]], row: Mapping[str, Any], context: float
+             ) -> Image.Image:
+        """The crop of ``row``'s box (+ ``context``) from a decode of its photo, shrunk to ``side``."""
         full, (w0, h0) = decoded
         left, top, right, bottom = crop_box(row, context, w0, h0)
         if full.size != (w0, h0):  # reduced decode: cut the same region, scaled
@@ -212,9 +219,25 @@ class ImageStore:
             left, top = int(math.floor(left * sx)), int(math.floor(top * sy))
             right = max(left + 1, min(full.width, int(math.ceil(right * sx))))
             bottom = max(top + 1, min(full.height, int(math.ceil(bottom * sy))))
-        out = _shrink(full.crop((left, top, right, bottom)), self.side)
-        self._put(key, out, out)
-        return out
+        return _shrink(full.crop((left, top, right, bottom)), self.side)
+
+    def crops(self, row: Mapping[str, Any], boxes: np.ndarray, context: float) -> list[Image.Image] | None:
+        """The crops of several boxes (``boxes`` (n, 4) pixel corners) of one photo from **one** decode (not
+        cached): the decode is as small as the smallest region allows (each region keeps >= ``side`` pixels), so
+        every crop equals :meth:`crop`'s when their draft scales agree. ``None`` for an unreadable file
+        (``on_error="skip"``)."""
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        rows = [{**row, "x1": b[0], "y1": b[1], "x2": b[2], "y2": b[3]} for b in boxes]
+        width, height = int(row.get("width") or 0), int(row.get("height") or 0)
+        request = None
+        if self.draft and width > 0 and height > 0 and len(rows):
+            regions = [crop_box(r, context, width, height) for r in rows]
+            longest = min(max(r - l, b - t) for l, t, r, b in regions)
+            request = _request(width, height, longest, self.side)
+        decoded = self._decode(row, request)
+        if decoded is None:
+            return None
+        return [self._cut(decoded, r, context) for r in rows]
 
     def image(self, row: Mapping[str, Any]) -> tuple[Image.Image, float] | None:
         path = str(row["path"])

@@ -58,7 +58,9 @@ from capret_utils.data.loader import ImageStore
 from capret_utils.evaluation import df2_eval, embed, stats
 from capret_utils.evaluation.df2_eval import corners_to_xywh, iou_xywh
 
-SCORINGS = ("itm-photo", "itm-crop", "itc-crop", "itm-photo*itc-crop")
+ASKED_SCORINGS = ("itm-photo", "itm-crop", "itc-crop", "itm-photo*itc-crop")
+CLASS_SCORINGS = ("itc-class", "head-class", "head+itc-class")
+SCORINGS = ASKED_SCORINGS + CLASS_SCORINGS
 BOX_MODES = ("gt", "detected", "oracle")
 CATEGORY_IDS: tuple[int, ...] = tuple(sorted(CATEGORY_NAMES))
 _BOX = ["x1", "y1", "x2", "y2"]
@@ -69,6 +71,10 @@ class DetectConfig:
     """How detections are made from the 13 category-name candidates per photo."""
 
     scoring: str = "itc-crop"  # candidate score, one of SCORINGS (chosen on the select split, module doc)
+    crop_candidates: int = 13  # boxes per photo given a crop pass (crop scorings): 13 = all; fewer = the best of
+    #   a class-agnostic NMS ranked by itm-photo (cheap filter), 1-13
+    classes_per_box: int = 1  # class scorings: a query-photo box is emitted once per each of its best m classes
+    #   (same box, score = that class's probability); shop photos always 1 (the gallery side ignores classes), 1-13
     nms_iou: float = 0.5  # class-agnostic NMS: a box overlapping a better one with IoU > this is dropped, in (0, 1]
     max_detections: int = 4  # detections kept per photo after NMS (best scores first), 1-13
     min_score: float = 0.0  # detections scoring below this are dropped (score in [0, 1]); 0 keeps max_detections
@@ -87,10 +93,16 @@ class DetectConfig:
             raise ValueError(f"DetectConfig.max_detections must be in 1-{len(CATEGORY_IDS)}, got {self.max_detections}")
         if self.batch_size < 1:
             raise ValueError(f"DetectConfig.batch_size must be >= 1, got {self.batch_size}")
+        for name in ("crop_candidates", "classes_per_box"):
+            if not 1 <= getattr(self, name) <= len(CATEGORY_IDS):
+                raise ValueError(f"DetectConfig.{name} must be in 1-{len(CATEGORY_IDS)}, got {getattr(self, name)}")
+        if self.scoring in CLASS_SCORINGS and self.max_detections > self.crop_candidates:
+            raise ValueError(f"DetectConfig: a class scoring keeps at most crop_candidates={self.crop_candidates} "
+                             f"boxes per photo, max_detections={self.max_detections} is larger")
 
     @property
     def needs_crops(self) -> bool:
-        return "crop" in self.scoring
+        return self.scoring != "itm-photo"
 
 
 # ------------------------------------------------------------------------------------------ NMS
@@ -155,12 +167,20 @@ def _category_texts(bundle: embed.ModelBundle) -> tuple[torch.Tensor, torch.Tens
 
 @torch.no_grad()
 def candidates(photos: pd.DataFrame, bundle: embed.ModelBundle, config: DetectConfig | None = None,
-               store: ImageStore | None = None, crops: bool | None = None) -> dict[str, np.ndarray]:
-    """The 13 category-name candidates of every photo: ``boxes`` (P, 13, 4) pixel corners and the scores
-    ``itm-photo`` (P, 13); with ``crops`` (default: the configured scoring needs them) also ``itm-crop`` and
-    ``itc-crop``. Category j of a photo is ``CATEGORY_IDS[j]``."""
+               store: ImageStore | None = None, crops: bool | None = None, head: torch.Tensor | None = None,
+               itm_crop: bool | None = None) -> dict[str, np.ndarray]:
+    """The 13 category-name candidates of every photo: ``boxes`` (P, 13, 4) pixel corners and ``itm-photo``
+    (P, 13). With ``crops`` (default: the configured scoring needs them) the best ``config.crop_candidates`` of
+    them (all 13, or the best of a class-agnostic NMS ranked by ``itm-photo``: ``slots`` (P, K) candidate indices,
+    ``valid`` (P, K)) get one crop pass each (:func:`capret_utils.evaluation.crop_scores.crop_scores`): class
+    distributions ``itc_probs`` and, with a category ``head``, ``head_probs`` (P, K, 13); the asked-category
+    scores ``itc-crop`` and (``itm_crop``, default: the scoring needs it) ``itm-crop`` (P, 13, NaN for candidates
+    without a crop). Category j of a photo is ``CATEGORY_IDS[j]``."""
+    from capret_utils.evaluation import crop_scores
+
     config = config or DetectConfig()
     crops = config.needs_crops if crops is None else crops
+    itm_crop = ("itm-crop" in config.scoring) if itm_crop is None else itm_crop
     model, C = bundle.model.eval(), len(CATEGORY_IDS)
     ecfg = embed.EmbedConfig(batch_size=config.batch_size, bf16=config.bf16, num_workers=config.num_workers,
                              progress=config.progress)
@@ -182,40 +202,41 @@ def candidates(photos: pd.DataFrame, bundle: embed.ModelBundle, config: DetectCo
     rel_all = torch.cat(rel).numpy() if rel else np.zeros((0, 4), np.float32)
     out = {"boxes": embed.box_to_pixels(rel_all, W, H).reshape(P, C, 4),
            "itm-photo": (torch.cat(itm_photo).numpy() if itm_photo else np.zeros(0, np.float32)).reshape(P, C)}
-    if crops:
-        out.update(_crop_scores(photos, out["boxes"], bundle, config, store, states, mask, text_feat))
+    if not crops:
+        return out
+    slots, valid = crop_slots(out["boxes"], out["itm-photo"], config.crop_candidates, config.nms_iou)
+    boxes = np.take_along_axis(out["boxes"], slots[..., None], axis=1)
+    got = crop_scores.crop_scores(photos, boxes, valid, bundle, text_feat, head,
+                                  (states, mask, slots) if itm_crop else None, config.context, config.batch_size,
+                                  config.num_workers, config.bf16, store, config.progress)
+    out.update(slots=slots, valid=valid, itc_probs=got["itc"], crop_feat=got["feat"])
+    if "head" in got:
+        out["head_probs"] = got["head"]
+    asked = np.take_along_axis(got["itc"], slots[..., None], axis=2)[..., 0]
+    for name, value in (("itc-crop", asked), ("itm-crop", got.get("itm"))):
+        if value is not None:
+            full = np.full((P, C), np.nan, np.float32)
+            np.put_along_axis(full, slots, np.where(valid, value, np.nan), axis=1)
+            out[name] = full
     return out
 
 
-def _crop_scores(photos: pd.DataFrame, boxes: np.ndarray, bundle: embed.ModelBundle, config: DetectConfig,
-                 store: ImageStore, states: torch.Tensor, mask: torch.Tensor, text_feat: torch.Tensor,
-                 ) -> dict[str, np.ndarray]:
-    """``itm-crop`` and ``itc-crop`` (P, 13) of each candidate's crop (box + context) against its category name."""
-    P, C = boxes.shape[:2]
-    model = bundle.model
-    rows = photos.loc[np.repeat(np.arange(P), C), ["key", "path", "width", "height"]].reset_index(drop=True)
-    rows["key"] = [f"{k}/{CATEGORY_NAMES[CATEGORY_IDS[j % C]]}" for j, k in enumerate(rows["key"])]
-    ecfg = embed.EmbedConfig(batch_size=config.batch_size, bf16=config.bf16, num_workers=config.num_workers,
-                             progress=config.progress, context=config.context)
-    context = config.context if config.context is not None else float(bundle.info.get("context", 0.05))
-    itm, itc = [], []
-    for sl, pv in embed._loader_batches(rows, bundle, ecfg, store, "crop", context, boxes.reshape(-1, 4),
-                                        desc="detect: crops"):
-        cat = torch.arange(sl.start, sl.stop, device=bundle.device) % C
-        with embed.autocast(bundle.device, config.bf16):
-            image_embeds, image_feat = model.get_image_embeds(pv)
-            fused = model.get_fusion_embeds(states[cat], mask[cat], image_embeds)
-            itm.append(model.itm_logits(fused).float().softmax(-1)[:, 1].cpu())
-            probs = model.itc_logits(image_feat.float(), text_feat.float()).softmax(-1)
-            itc.append(probs.gather(1, cat[:, None]).squeeze(1).float().cpu())
-    cat_out = (lambda parts: (torch.cat(parts).numpy() if parts else np.zeros(0, np.float32)).reshape(P, C))
-    return {"itm-crop": cat_out(itm), "itc-crop": cat_out(itc)}
+def crop_slots(boxes: np.ndarray, itm_photo: np.ndarray, k: int, nms_iou: float) -> tuple[np.ndarray, np.ndarray]:
+    """Which candidates get a crop pass: ``(slots (P, k) candidate indices, valid (P, k))``. ``k`` = 13: all, in
+    order; fewer: the best ``k`` by ``itm_photo`` that survive class-agnostic NMS at ``nms_iou``."""
+    P, C = itm_photo.shape
+    if k >= C:
+        return np.tile(np.arange(C), (P, 1)), np.ones((P, C), bool)
+    keep = nms_padded(boxes, itm_photo, nms_iou)
+    ranked = np.where(keep, np.asarray(itm_photo, np.float64), -np.inf)
+    slots = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
+    return slots, np.isfinite(np.take_along_axis(ranked, slots, axis=1))
 
 
 def candidate_scores(cands: Mapping[str, np.ndarray], scoring: str) -> np.ndarray:
-    """The (P, 13) score of one :data:`SCORINGS` entry from :func:`candidates`' output."""
-    if scoring not in SCORINGS:
-        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    """The (P, 13) score of one :data:`ASKED_SCORINGS` entry from :func:`candidates`' output (NaN: no score)."""
+    if scoring not in ASKED_SCORINGS:
+        raise ValueError(f"scoring must be one of {ASKED_SCORINGS}, got {scoring!r}")
     parts = scoring.split("*")
     missing = [p for p in parts if p not in cands]
     if missing:
@@ -226,13 +247,54 @@ def candidate_scores(cands: Mapping[str, np.ndarray], scoring: str) -> np.ndarra
     return out
 
 
+def class_probs(cands: Mapping[str, np.ndarray], scoring: str) -> np.ndarray:
+    """The (P, K, 13) class distribution of each cropped box for one :data:`CLASS_SCORINGS` entry: ``itc``, the
+    category ``head``, or ``head+itc`` (their mean)."""
+    need = {"itc-class": ["itc_probs"], "head-class": ["head_probs"], "head+itc-class": ["head_probs", "itc_probs"]}
+    if scoring not in need:
+        raise ValueError(f"scoring must be one of {CLASS_SCORINGS}, got {scoring!r}")
+    missing = [k for k in need[scoring] if k not in cands]
+    if missing:
+        raise KeyError(f"scoring {scoring!r} needs {missing}; call candidates(..., crops=True"
+                       f"{', head=<category head>' if 'head_probs' in missing else ''})")
+    return np.mean([np.asarray(cands[k], np.float64) for k in need[scoring]], axis=0)
+
+
+_DET_COLUMNS = ["key", "split", "image_id", "source", "path", "width", "height"]
+
+
+def _detection_rows(photos: pd.DataFrame, p_idx: np.ndarray, boxes: np.ndarray, cat_idx: np.ndarray,
+                    scores: np.ndarray, cand_idx: np.ndarray) -> pd.DataFrame:
+    """Detection rows (ordered by photo, then as given): rank r = position within the photo, ``candidate`` = the
+    box-head candidate (category index 0-12 it was asked for) the box comes from."""
+    base = photos.iloc[p_idx][_DET_COLUMNS].reset_index(drop=True)
+    dets = base.rename(columns={"key": "photo_key"})
+    rank = dets.groupby("photo_key", sort=False).cumcount().to_numpy() if len(dets) else np.zeros(0, np.int64)
+    dets.insert(0, "key", [f"{k}/det{r}" for k, r in zip(dets["photo_key"], rank)])
+    dets[_BOX] = np.asarray(boxes, np.float64).reshape(-1, 4)
+    cats = np.asarray(CATEGORY_IDS, dtype=np.int64)[np.asarray(cat_idx, np.int64)]
+    dets["category_id"] = cats
+    dets["category_name"] = [CATEGORY_NAMES[int(c)] for c in cats]
+    dets["score"] = np.asarray(scores, np.float64)
+    dets["rank"] = rank.astype(np.int64)
+    dets["candidate"] = np.asarray(cand_idx, np.int64)
+    return dets
+
+
 def select_detections(photos: pd.DataFrame, cands: Mapping[str, np.ndarray], config: DetectConfig) -> pd.DataFrame:
     """NMS + the best ``max_detections`` above ``min_score`` per photo -> one row per detection: ``key``
     (``"<photo key>/det<r>"``, r = rank in the photo), ``photo_key``, ``split``, ``image_id``, ``source``,
-    ``path``, ``width``, ``height``, ``x1 y1 x2 y2``, ``category_id``, ``category_name``, ``score``, ``rank``."""
+    ``path``, ``width``, ``height``, ``x1 y1 x2 y2``, ``category_id``, ``category_name``, ``score``, ``rank``,
+    ``candidate``.
+
+    Asked scorings: each candidate keeps the category it was asked for. Class scorings: each cropped box is
+    ranked by its best class probability, and a query-photo box is emitted once per each of its best
+    ``classes_per_box`` classes (score = that probability; shop photos: the best class only)."""
     config.validate()
+    if config.scoring in CLASS_SCORINGS:
+        return _select_classified(photos, cands, config)
     boxes, scores = np.asarray(cands["boxes"], dtype=np.float64), candidate_scores(cands, config.scoring)
-    scores = np.where(scores >= config.min_score, scores, -np.inf)
+    scores = np.where(scores >= config.min_score, scores, -np.inf)  # NaN (no crop) fails the test too
     keep = nms_padded(boxes, scores, config.nms_iou)
     ranked = np.where(keep, scores, -np.inf)
     order = np.argsort(-ranked, axis=1, kind="stable")[:, :config.max_detections]
@@ -240,25 +302,41 @@ def select_detections(photos: pd.DataFrame, cands: Mapping[str, np.ndarray], con
     c_idx = order.reshape(-1)
     ok = np.isfinite(ranked[p_idx, c_idx])
     p_idx, c_idx = p_idx[ok], c_idx[ok]
-    rank = (np.arange(len(ok)) % max(order.shape[1], 1))[ok]
-    base = photos.iloc[p_idx][["key", "split", "image_id", "source", "path", "width", "height"]].reset_index(drop=True)
-    dets = base.rename(columns={"key": "photo_key"})
-    dets.insert(0, "key", [f"{k}/det{r}" for k, r in zip(dets["photo_key"], rank)])
-    dets[_BOX] = boxes[p_idx, c_idx]
-    cats = np.asarray(CATEGORY_IDS, dtype=np.int64)[c_idx]
-    dets["category_id"] = cats
-    dets["category_name"] = [CATEGORY_NAMES[int(c)] for c in cats]
-    dets["score"] = scores[p_idx, c_idx].astype(np.float64)
-    dets["rank"] = rank.astype(np.int64)
-    return dets
+    return _detection_rows(photos, p_idx, boxes[p_idx, c_idx], c_idx, scores[p_idx, c_idx], c_idx)
 
+
+def _select_classified(photos: pd.DataFrame, cands: Mapping[str, np.ndarray], config: DetectConfig) -> pd.DataFrame:
+    probs = class_probs(cands, config.scoring)  # (P, K, 13)
+    slots, valid = np.asarray(cands["slots"]), np.asarray(cands["valid"], bool)
+    boxes = np.take_along_axis(np.asarray(cands["boxes"], np.float64), slots[..., None], axis=1)
+    best = np.where(valid, np.nan_to_num(probs, nan=-np.inf).max(axis=2), -np.inf)
+    best = np.where(best >= config.min_score, best, -np.inf)
+    keep = nms_padded(boxes, best, config.nms_iou)
+    ranked = np.where(keep, best, -np.inf)
+    order = np.argsort(-ranked, axis=1, kind="stable")[:, :config.max_detections]  # (P, D) box slots
+    m = config.classes_per_box
+    cls = np.argsort(-np.nan_to_num(probs, nan=-np.inf), axis=2, kind="stable")[..., :m]  # (P, K, m)
+    user = (photos["source"].to_numpy() == "user")
+    P, D = order.shape
+    p_idx = np.repeat(np.arange(P), D * m)
+    k_idx = np.repeat(order.reshape(-1), m)
+    j = np.tile(np.arange(m), P * D)
+    c_idx = cls[p_idx, k_idx, j]
+    score = probs[p_idx, k_idx, c_idx]
+    ok = np.isfinite(ranked[p_idx, k_idx]) & ((j == 0) | user[p_idx]) & (score >= config.min_score)
+    p_idx, k_idx, c_idx, score = p_idx[ok], k_idx[ok], c_idx[ok], score[ok]
+    return _detection_rows(photos, p_idx, boxes[p_idx, k_idx], c_idx, score, slots[p_idx, k_idx])
 
 def detect_photos(photos: pd.DataFrame, bundle: embed.ModelBundle, config: DetectConfig | None = None,
-                  store: ImageStore | None = None) -> pd.DataFrame:
-    """Detections (:func:`select_detections`) of every photo, from pixels alone."""
+                  store: ImageStore | None = None, head: torch.Tensor | None = None) -> pd.DataFrame:
+    """Detections (:func:`select_detections`) of every photo, from pixels alone; ``head``: the fine-tuned
+    category head (:func:`capret_utils.evaluation.crop_scores.load_category_head`) the ``head`` scorings need."""
     config = config or DetectConfig()
     config.validate()
-    return select_detections(photos, candidates(photos, bundle, config, store), config)
+    if "head" in config.scoring and head is None:
+        raise ValueError(f"scoring {config.scoring!r} needs the fine-tuned category head (category_W of the "
+                         f"checkpoint's arcface.safetensors); this model has none: use itc-class")
+    return select_detections(photos, candidates(photos, bundle, config, store, head=head), config)
 
 
 # ------------------------------------------------------------------------------------------ official protocol
@@ -373,6 +451,15 @@ class BoxModes:
     config: DetectConfig
 
 
+def detection_heads(checkpoint: str | Path) -> dict[str, torch.Tensor | None]:
+    """``{"fine-tuned": category head}`` of notebook 03's checkpoint folder (empty when ``checkpoint`` is empty or
+    has no head): the ``heads`` argument of :func:`run_box_modes` (the zero-shot model has none)."""
+    from capret_utils.evaluation.crop_scores import load_category_head
+
+    head = load_category_head(checkpoint) if checkpoint else None
+    return {"fine-tuned": head} if head is not None else {}
+
+
 def mode_label(boxes: str) -> str:
     """``AnalysisConfig.boxes`` -> the ``boxes`` column: ``"gt"`` stays, ``"predicted"`` (category given) is
     ``"oracle"``."""
@@ -399,10 +486,14 @@ def detected_submission(bundle: embed.ModelBundle, dets: pd.DataFrame, items: pd
     ecfg = embed.EmbedConfig(view="crop", batch_size=batch_size, num_workers=num_workers, progress=progress)
     vecs = []
     for frame, side in ((q, "q"), (g, "g")):
-        keys = frame["key"].tolist()
-        compute = (lambda f=frame: embed.embed_items(f, bundle, ecfg))
-        tag = f"{name}-detcrop-{_digest(frame[_BOX].to_numpy())}-{side}"
-        vecs.append(embed.cached_embeddings(cache, tag, keys, compute)[1] if cache is not None else compute()[1])
+        # one crop per distinct box: a box emitted with several classes is embedded once
+        box_id = frame.groupby(["photo_key"] + _BOX, sort=False).ngroup().to_numpy() if len(frame) else np.zeros(0, int)
+        uniq = frame.drop_duplicates(["photo_key"] + _BOX).reset_index(drop=True)
+        keys = uniq["key"].tolist()
+        compute = (lambda f=uniq: embed.embed_items(f, bundle, ecfg))
+        tag = f"{name}-detcrop-{_digest(uniq[_BOX].to_numpy())}-{side}"
+        got = embed.cached_embeddings(cache, tag, keys, compute)[1] if cache is not None else compute()[1]
+        vecs.append(got[box_id])
     if not len(q) or not len(g):
         records: list[dict] = []
     else:
@@ -423,12 +514,15 @@ def _slug(name: str) -> str:
 
 
 def run_box_modes(models: Mapping[str, embed.ModelBundle], data: Any, cfg: Any, config: DetectConfig | None = None,
-                  run_dir: str | Path | None = None) -> BoxModes:
+                  run_dir: str | Path | None = None, heads: Mapping[str, torch.Tensor | None] | None = None,
+                  ) -> BoxModes:
     """The ``crop`` variant of every model under the three box modes, each scored with ``df2_eval``: ``gt`` and
     ``oracle`` through :func:`capret_utils.evaluation.analysis.run_variant` (oracle results under
     ``official/oracle-boxes/``), ``detected`` through :func:`detect_photos` + :func:`detected_submission`
     (``official/<model>-crop-detected.results.json``, detections in ``official/detections-<model>.csv``).
-    ``data`` is notebook 04's ``analysis.RetrievalData``, ``cfg`` its ``analysis.AnalysisConfig``."""
+    ``data`` is notebook 04's ``analysis.RetrievalData``, ``cfg`` its ``analysis.AnalysisConfig``. ``heads``:
+    the category head of each model that has one (:func:`detection_heads`); a ``head`` scoring falls back to
+    ``itc-class`` (same class pipeline, ITC instead of the head) for a model without one, noted in its summary."""
     import tempfile
 
     from capret_utils.evaluation import analysis
@@ -453,8 +547,11 @@ def run_box_modes(models: Mapping[str, embed.ModelBundle], data: Any, cfg: Any, 
                                              folder / "gallery_gt.json")
                 out.per_query[f"{m}/crop@{mode}"], out.official[f"{m}/crop@{mode}"] = ev.per_query, ev.metrics
             started = time.time()
+            head = (heads or {}).get(m)
             dcfg = replace(config, num_workers=cfg.num_workers, progress=cfg.progress)
-            dets = detect_photos(photos, bundle, dcfg, bundle.store())
+            if "head" in dcfg.scoring and head is None:
+                dcfg = replace(dcfg, scoring="itc-class")
+            dets = detect_photos(photos, bundle, dcfg, bundle.store(), head)
             seconds = time.time() - started
             name = f"{m}/crop@detected"
             ev = detected_submission(bundle, dets, data.items, official, _slug(name), cfg.batch_size,
@@ -463,8 +560,9 @@ def run_box_modes(models: Mapping[str, embed.ModelBundle], data: Any, cfg: Any, 
             out.per_query[name], out.official[name], out.detections[m] = ev.per_query, ev.metrics, dets
             per_cat, summary = detection_report(dets, data.items, photos)
             summary.update({"seconds": round(seconds, 2), "photos": int(len(photos)),
-                            "seconds_per_photo": seconds / max(len(photos), 1), "scoring": config.scoring,
-                            "max_detections": config.max_detections, "nms_iou": config.nms_iou})
+                            "seconds_per_photo": seconds / max(len(photos), 1), "scoring": dcfg.scoring,
+                            "max_detections": config.max_detections, "nms_iou": config.nms_iou,
+                            "crop_candidates": config.crop_candidates, "classes_per_box": config.classes_per_box})
             out.recall[m], out.summary[m] = per_cat, summary
             out.gaps[m] = gap_table(ev.per_query, item_recall(dets, data.items), out.per_query[f"{m}/crop@gt"])
     finally:
