@@ -338,7 +338,8 @@ def test_select_classified_hand_case():
                                                        max_detections=1, min_score=0.2))
     assert one["category_id"].tolist() == [ids[1], ids[1]]
     itc = detect.select_detections(photos, class_cands(probs, np.ones((2, 3), bool)),
-                                   detect.DetectConfig(scoring="itc-class", crop_candidates=3, max_detections=3))
+                                   detect.DetectConfig(scoring="itc-class", crop_candidates=3, max_detections=3,
+                                                       classes_per_box=1))
     assert itc[itc["candidate"] == 7]["category_id"].tolist() == [ids[11]] * 2  # reversed distribution
     with pytest.raises(KeyError, match="head"):
         cands = class_cands(probs, np.ones((2, 3), bool))

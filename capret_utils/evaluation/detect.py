@@ -19,18 +19,24 @@ boxes, each with a category. Each candidate is scored (:data:`SCORINGS`):
 * ``itc-crop``: softmax over the 13 category names of the crop's ITC similarity, at the candidate's category;
 * ``itm-photo*itc-crop``: the product of the two.
 
-The crop scorings encode 13 crops per photo (14 vision passes per photo instead of 1). Candidates then go through
-class-agnostic greedy non-maximum suppression (:func:`nms_padded`; the box head gives one box per category, so
-per-class NMS would remove nothing: overlapping boxes of different categories are the same garment asked under
-two names) and the best ``max_detections`` per photo above ``min_score`` are kept.
+The asked scorings crop the best ``crop_candidates`` candidates (13 = all). The class scorings (:data:`CLASS_SCORINGS`)
+instead classify each cropped box over the 13 categories — ``itc-class`` (ITC over the names), ``head-class``
+(the fine-tuned category head, :mod:`capret_utils.evaluation.crop_scores`), ``head+itc-class`` (their mean) — and
+emit a query-photo box once per each of its ``classes_per_box`` likeliest classes (the official matcher scores the
+best same-class detection per query and ignores the rest; shop photos get one class: the gallery side ignores it).
+Each photo is decoded once for all its crops and the crops share batched vision passes (no fusion pass unless
+``itm-crop`` is asked). Candidates go through class-agnostic greedy non-maximum suppression (:func:`nms_padded`; the
+box head gives one box per category, so per-class NMS would remove nothing) and the best ``max_detections`` boxes
+per photo above ``min_score`` are kept.
 
-Choice (``benchmarks/bench_detect.py --select``: fine-tuned demo checkpoint, synthetic select split, 647 photos,
-817 queries; README §Benchmarks): at 4 detections per photo, ``itc-crop`` had the best same-class recall at IoU 0.5
-(0.184 vs 0.161 ``itm-crop``, 0.147 ``itm-photo``, 0.180 the product), the fewest lost queries (0.69) and the best
-official top-1 (0.078 vs 0.063 / 0.050 / 0.063); top-20 was a tie (0.17-0.18). Fewer detections per photo lost
-recall for every scoring (4 is the largest measured: photos hold 1-3 items). So the default is ``itc-crop`` with
-``max_detections=4``. ``itm-photo`` is about 10x cheaper (no crop passes; tiny model on 2 CPU cores: 0.018 s vs
-0.18 s per photo, 9.6 vs 95 min for a 32 k-photo layout) and is the choice when that budget matters.
+Choice (``benchmarks/bench_detect.py --select``: fine-tuned demo checkpoint, synthetic **select** split, 647
+photos, 477 queries; docs/experiments.md): at 4 boxes per photo, official top-1 / top-20 ``itc-crop`` (all 13
+cropped) 0.082 / 0.193, ``itm-photo`` 0.050 / 0.178, ``itc-class`` (4 crops, 3 classes) 0.099 / 0.294,
+``head-class`` 0.115 / 0.317, ``head+itc-class`` 0.134 / 0.333 (6 crops: 0.136 / 0.329). Default
+``head+itc-class``, ``crop_candidates=4``, ``classes_per_box=3`` (a model without a head falls back to
+``itc-class`` in :func:`run_box_modes`). All 13 classes per box, i.e. class errors removed, reach only 0.15-0.17:
+the rest of the gap to GT boxes is box quality. Speed (tiny model, 2 shared cores, load ~5, 32,153 photos
+extrapolated from 120): 2.5 min at 1 torch thread, 11.8 min at 2 (oversubscribed).
 
 **Submission** (:func:`run_box_modes`): query detections on the query photos, gallery detections on every shop
 photo, crops embedded as the ``crop`` variant, top-20 gallery detections per query detection
@@ -70,10 +76,10 @@ _BOX = ["x1", "y1", "x2", "y2"]
 class DetectConfig:
     """How detections are made from the 13 category-name candidates per photo."""
 
-    scoring: str = "itc-crop"  # candidate score, one of SCORINGS (chosen on the select split, module doc)
-    crop_candidates: int = 13  # boxes per photo given a crop pass (crop scorings): 13 = all; fewer = the best of
+    scoring: str = "head+itc-class"  # candidate score, one of SCORINGS (chosen on the select split, module doc)
+    crop_candidates: int = 4  # boxes per photo given a crop pass (crop scorings): 13 = all; fewer = the best of
     #   a class-agnostic NMS ranked by itm-photo (cheap filter), 1-13
-    classes_per_box: int = 1  # class scorings: a query-photo box is emitted once per each of its best m classes
+    classes_per_box: int = 3  # class scorings: a query-photo box is emitted once per each of its best m classes
     #   (same box, score = that class's probability); shop photos always 1 (the gallery side ignores classes), 1-13
     nms_iou: float = 0.5  # class-agnostic NMS: a box overlapping a better one with IoU > this is dropped, in (0, 1]
     max_detections: int = 4  # detections kept per photo after NMS (best scores first), 1-13
