@@ -170,6 +170,10 @@ def select(root: Path, bundle, head, workers: int) -> dict:
     return out
 
 
+def official_interval(per_query, k: int) -> list[float]:
+    return list(stats.wilson_interval(per_query[f"hit@{k}"].astype(float)))
+
+
 def test(root: Path, bundle, head, label: str, cfg: detect.DetectConfig, workers: int) -> dict:
     items, folder = splits.load_role(root, "test")
     data = analysis.RetrievalData.build(items)
