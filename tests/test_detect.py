@@ -201,7 +201,11 @@ def test_run_box_modes_smoke(tmp_path):
     modes = detect.run_box_modes(models, data, cfg, detect.DetectConfig(max_detections=2), run_dir=tmp_path)
     assert set(modes.official) == {"zero-shot/crop@gt", "zero-shot/crop@oracle", "zero-shot/crop@detected"}
     dets = modes.detections["zero-shot"]
-    assert dets.groupby("photo_key").size().max() <= 2 and dets["score"].between(0, 1).all()
+    # max_detections counts boxes; the zero-shot model has no category head: itc-class, 3 classes per query box
+    assert dets.groupby("photo_key")["candidate"].nunique().max() <= 2 and dets["score"].between(0, 1).all()
+    assert modes.summary["zero-shot"]["scoring"] == "itc-class"
+    assert dets[dets["source"] == "shop"].groupby("photo_key").size().max() <= 2
+    assert dets[dets["source"] == "user"].groupby(["photo_key", "candidate"]).size().max() == 3
     assert (tmp_path / "official" / "zero-shot-crop-detected.results.json").is_file()
     n = {k: v["n_queries"] for k, v in modes.official.items()}
     assert len(set(n.values())) == 1  # every box mode scores the same GT queries
