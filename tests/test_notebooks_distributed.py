@@ -1,5 +1,6 @@
-"""Notebook 03's data-parallel path (``nproc`` = 2: torchrun, gloo) in smoke mode through papermill, and that
-:func:`capret_utils.train.cli.launch` leaves no process behind when the launching process is interrupted or killed."""
+"""Notebooks 03 and 02 with ``nproc`` = 2 (torchrun: gloo training ranks, caption shards) in smoke mode through
+papermill, and that :func:`capret_utils.train.cli.launch` (:func:`capret_utils.runs.shutdown.run_child`) leaves no
+process behind when the launching process is interrupted or killed."""
 
 from __future__ import annotations
 
@@ -52,6 +53,22 @@ def test_notebook_03_trains_on_two_processes_in_smoke_mode(tmp_path):
     info = json.loads((run_dir / CHECKPOINT_DIR / INFO_FILE).read_text())
     assert info["world_size"] == 2 and info["steps"] == metrics["steps"]
     assert (run_dir / "launch_params.yaml").is_file()  # the torchrun path, not the in-kernel loop
+    assert not _gone(str(run_dir)), "torchrun or a rank outlived the notebook"
+
+
+def test_notebook_02_captions_on_two_processes_in_smoke_mode(tmp_path):
+    run_dir = tmp_path / "02_captions_nproc2"
+    step = next(s for s in demo.STEPS if s.name == "02_captions_oracle")  # notebook 02
+    status = sweep.run_notebook(step.notebook, run_dir, {"smoke": True, "nproc": 2, "captioner": "dialogue",
+                                                         "max_items": 24, "batch_size": 4, "num_workers": 0})
+    assert status["status"] == "ok", (status.get("error_type"), status.get("error"), status.get("traceback"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["captions"] == 24 and metrics["run"]["new"] == 24
+    per_rank = [json.loads((run_dir / f"caption_stats.rank{r}.json").read_text()) for r in range(2)]
+    assert [r["new"] for r in per_rank] == [12, 12]
+    keys = [[json.loads(line)["key"] for line in (run_dir / f"captions.rank{r}.jsonl").read_text().splitlines()]
+            for r in range(2)]
+    assert len(keys[0]) == len(keys[1]) == 12 and not set(keys[0]) & set(keys[1])  # each item once, split evenly
     assert not _gone(str(run_dir)), "torchrun or a rank outlived the notebook"
 
 

@@ -311,6 +311,13 @@ def build_captioner(setup: CaptionSetup, attributes: Mapping[str, Mapping[str, A
 
 def _pixel_answerer(setup: CaptionSetup, model_dir: str | os.PathLike | None) -> PixelAnswerer:
     """The pixel answerer of ``setup.vqa`` (trained on ``data_root``'s train split on a cache miss)."""
+    return PixelAnswerer(pixel_answerer_folder(setup, model_dir), device=str(resolve_device(setup.device)),
+                         name=f"x2vlm-vqa:{setup.vqa}")
+
+
+def pixel_answerer_folder(setup: CaptionSetup, model_dir: str | os.PathLike | None) -> Path:
+    """The cached folder of ``setup.vqa``'s pixel answerer, trained on ``data_root``'s train split on a cache miss
+    (what several caption ranks load: :func:`capret_utils.captions.cli.launch` fills the cache first)."""
     from capret_utils.runs import paths
 
     model_dir = setup.vqa_cache or model_dir
@@ -319,8 +326,7 @@ def _pixel_answerer(setup: CaptionSetup, model_dir: str | os.PathLike | None) ->
     defaults = PixelVQAConfig()
     config = PixelVQAConfig(preset=PIXEL_VQA[setup.vqa], steps=setup.vqa_steps or defaults.steps,
                             init=setup.vqa_init)
-    folder = load_or_train(paths.data_root(setup.data_root or None, setup.smoke), model_dir, config)
-    return PixelAnswerer(folder, device=str(resolve_device(setup.device)), name=f"x2vlm-vqa:{setup.vqa}")
+    return load_or_train(paths.data_root(setup.data_root or None, setup.smoke), model_dir, config)
 
 
 # ----------------------------------------------------------------------------------------- reporting helpers

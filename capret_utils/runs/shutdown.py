@@ -9,8 +9,11 @@ re-runs only what did not finish.
 
 from __future__ import annotations
 
+import os
 import signal
-from typing import Any
+import subprocess
+import sys
+from typing import Any, Mapping
 
 import psutil
 
@@ -31,6 +34,37 @@ def terminate_tree(pid: int, grace_s: float = GRACE_S) -> int:
         return _terminate(root.children(recursive=True) + [root], grace_s)
     except psutil.NoSuchProcess:
         return 0
+
+
+def run_child(cmd: list[str], cwd: str | os.PathLike, env: Mapping[str, str], quiet: bool = False,
+              ) -> tuple[int, str]:
+    """Run ``cmd`` (e.g. torchrun) with its output streamed (``quiet``: kept only); returns the exit code and the
+    last 40 output lines. No process outlives the call: an exception or ``KeyboardInterrupt`` here (an
+    interrupted notebook cell) ends the child and its descendants (:func:`terminate_tree`), and on Linux the child
+    gets SIGTERM when this process dies, even by SIGKILL (``PR_SET_PDEATHSIG``, kept across the exec; torchrun then
+    stops its ranks)."""
+    wrapped = [sys.executable, "-c", _EXEC_WITH_PARENT_DEATH_SIGNAL, str(os.getpid()), *cmd] \
+        if sys.platform == "linux" else list(cmd)
+    proc = subprocess.Popen(wrapped, cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    tail: list[str] = []
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            tail = (tail + [line])[-40:]
+            if not quiet:
+                print(line, end="")
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            terminate_tree(proc.pid)
+        proc.stdout.close()
+    return proc.returncode, "".join(tail)
+
+
+_EXEC_WITH_PARENT_DEATH_SIGNAL = (
+    "import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "  # 1 = PR_SET_PDEATHSIG
+    "os.getppid() != int(sys.argv[1]) and sys.exit(143); os.execv(sys.argv[2], sys.argv[2:])")
 
 
 def _terminate(children: list[psutil.Process], grace_s: float) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -114,44 +113,22 @@ def launch(params: Mapping[str, Any], run_dir: str | os.PathLike, nproc: int, qu
            ) -> FinetuneResult:
     """Write ``params`` to ``<run_dir>/launch_params.yaml``, run :func:`launch_command` (``nproc`` processes on
     this machine; output streamed) and return :func:`load_result`. A failed run raises ``RuntimeError`` with the
-    command and the last output lines. No process outlives the call: an exception or ``KeyboardInterrupt`` here (an
-    interrupted notebook cell) ends torchrun and its ranks, and on Linux torchrun gets SIGTERM when this process
-    dies (a killed kernel)."""
+    command and the last output lines. No process outlives the call or a killed caller
+    (:func:`capret_utils.runs.shutdown.run_child`)."""
     import yaml
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LAUNCH_FILE
     path.write_text(yaml.safe_dump(jsonable(dict(params)), sort_keys=False))
-    from capret_utils.runs.shutdown import terminate_tree
+    from capret_utils.runs.shutdown import run_child
 
     cmd = launch_command(path, run_dir, nproc)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo_root()), os.environ.get("PYTHONPATH")]))}
-    wrapped = [sys.executable, "-c", _EXEC_WITH_PARENT_DEATH_SIGNAL, str(os.getpid()), *cmd] if sys.platform == "linux" else cmd
-    proc = subprocess.Popen(wrapped, cwd=repo_root(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    tail: list[str] = []
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            tail = (tail + [line])[-40:]
-            if not quiet:
-                print(line, end="")
-        proc.wait()
-    finally:  # an interrupted kernel or a failure here: torchrun and its ranks do not outlive the call
-        if proc.poll() is None:
-            terminate_tree(proc.pid)
-        proc.stdout.close()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{''.join(tail)}")
+    code, tail = run_child(cmd, repo_root(), env, quiet)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {code}):\n{tail}")
     return load_result(run_dir)
-
-
-# torchrun gets SIGTERM when the process that launched it dies, even by SIGKILL (a killed notebook kernel): Linux's
-# PR_SET_PDEATHSIG survives the exec; torchrun then stops its ranks
-_EXEC_WITH_PARENT_DEATH_SIGNAL = (
-    "import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "  # 1 = PR_SET_PDEATHSIG
-    "os.getppid() != int(sys.argv[1]) and sys.exit(143); os.execv(sys.argv[2], sys.argv[2:])")
 
 
 def launch_params(config: TrainConfig, **run: Any) -> dict[str, Any]:
