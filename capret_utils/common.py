@@ -71,6 +71,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``target``; when the block ends without error it replaces ``target``
+    (a half-built folder is never seen under the final name; on error the temporary folder is removed).
+    ``with atomic_dir(out / "tiny-clip") as tmp: model.save_pretrained(tmp)``."""
+    import shutil
+    import tempfile
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (:func:`atomic_path`)."""
     with atomic_path(path) as tmp:

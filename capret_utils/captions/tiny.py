@@ -31,6 +31,7 @@ from capret_utils.captions.dialogue import (
     REPEATED_ANSWER,
     SUMMARY_INSTRUCTION,
 )
+from capret_utils.common import atomic_dir
 from capret_utils.data.df2 import CATEGORY_NAMES
 
 # ------------------------------------------------------------------------------------------ tiny test models
@@ -204,8 +205,6 @@ def build_tiny_models(out_dir: str | os.PathLike) -> dict[str, Path]:
     without a download (tests, smoke runs, the benchmark). Each model is written to a temporary folder and
     renamed into place, so an interrupted build is rebuilt next time.
     """
-    import shutil
-    import tempfile
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -213,15 +212,8 @@ def build_tiny_models(out_dir: str | os.PathLike) -> dict[str, Path]:
     for name, builder in (("phi3", _tiny_phi3), ("blip", _tiny_blip), ("blip2", _tiny_blip2)):
         target = out_dir / name
         if not (target / _TINY_MARKER).is_file():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_dir))
-            try:
+            with atomic_dir(target) as tmp:
                 builder(tmp)
                 (tmp / _TINY_MARKER).write_text(json.dumps({"model": name, "seed": _TINY_SEED}) + "\n")
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(tmp, target)
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
         result[name] = target
     return result

@@ -17,12 +17,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
+from capret_utils.common import atomic_dir
 from capret_utils.encoders.base import Encoder
 from capret_utils.encoders.hf import MARKER, read_marker
 
@@ -176,16 +176,12 @@ def save_open_clip(encoder: OpenCLIPEncoder, folder: str | os.PathLike,
 def build_tiny_open_clip(out_dir: str | os.PathLike) -> Path:
     """Build (once) the tiny random open_clip model (:data:`TINY_OPEN_CLIP_CFG`, seed 0) as a local folder
     ``out_dir/tiny-open_clip`` (``weights: random-init``) and return it; needs open_clip."""
-    import shutil
-
     open_clip = require_open_clip()
     out_dir = Path(out_dir)
     target = out_dir / TINY_OPEN_CLIP
     if (target / MARKER).is_file():
         return target
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_OPEN_CLIP}-", dir=out_dir))
-    try:
+    with atomic_dir(target) as tmp:
         from open_clip import factory
 
         arch = "capret-tiny-open_clip"
@@ -197,10 +193,4 @@ def build_tiny_open_clip(out_dir: str | os.PathLike) -> Path:
                               weights="random-init", model_cfg=TINY_OPEN_CLIP_CFG)
         save_open_clip(enc, tmp, note={"family": "open_clip", "weights": "random-init", "seed": 0,
                                        "alias": TINY_OPEN_CLIP})
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from capret_utils.common import atomic_dir
 from capret_utils.data.df2 import CATEGORY_NAMES
 from capret_utils.encoders.hf import MARKER
 
@@ -117,20 +116,12 @@ def build_tiny_encoder(alias: str, out_dir: str | os.PathLike) -> Path:
     target = out_dir / alias
     if (target / MARKER).is_file():
         return target
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=out_dir))
-    try:
+    with atomic_dir(target) as tmp:
         with torch.random.fork_rng():
             torch.manual_seed(TINY_SEED)
             _BUILDERS[alias](tmp)
         note = {"family": TINY_FAMILIES[alias], "weights": "random-init", "seed": TINY_SEED, "alias": alias}
         (tmp / MARKER).write_text(json.dumps(note) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
