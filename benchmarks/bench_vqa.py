@@ -33,13 +33,15 @@ import torch  # noqa: E402
 from capret_utils.captions import (  # noqa: E402
     PixelAnswerer,
     PixelVQAConfig,
+    PriorAnswerer,
     answer_accuracy,
     load_attributes,
     load_or_train,
     load_split_items,
     select_items,
 )
-from capret_utils.captions.pixel import dialogue_questions  # noqa: E402
+from capret_utils.captions.pixel import dialogue_questions, vqa_triples  # noqa: E402
+from capret_utils.captions.views import ItemView  # noqa: E402
 from capret_utils.runs import paths  # noqa: E402
 
 TARGETS = {"category": 0.85, "colour": 0.75}
@@ -70,6 +72,23 @@ def flops_per_item(n_answers: int, answer_len: int = 4, question_len: int = 12, 
     return counts
 
 
+class BlankImages:
+    """Wraps an answerer: every crop replaced by a uniform grey one of the same size (the image-ablation check:
+    accuracy at the class prior means the answers come from the pixels, not from the question alone)."""
+
+    needs_images = True
+
+    def __init__(self, answerer) -> None:
+        self.inner, self.answer_list = answerer, answerer.answer_list
+        self.composed_topics = getattr(answerer, "composed_topics", set())
+
+    def answer(self, views, questions, histories=None):
+        from PIL import Image
+
+        blank = [ItemView(v.key, v.row, Image.new("RGB", v.image.size, (124, 116, 104))) for v in views]
+        return self.inner.answer(blank, questions, histories)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", default="", help="DeepFashion2-format root with attributes.jsonl (default: synthetic)")
@@ -77,7 +96,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=PixelVQAConfig.steps, help="training steps")
     ap.add_argument("--batch-size", type=int, default=PixelVQAConfig.batch_size, help="crops per training step")
     ap.add_argument("--questions-per-crop", type=int, default=PixelVQAConfig.questions_per_crop,
-                    help="questions per crop and step")
+                    help="questions per crop and step (0: all trained questions)")
     ap.add_argument("--lr", type=float, default=PixelVQAConfig.lr, help="AdamW peak learning rate")
     ap.add_argument("--init", default="", help="notebook-03 checkpoint folder to start from (default: random init)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (training and answering)")
@@ -86,6 +105,8 @@ def main() -> None:
     ap.add_argument("--answers", type=int, default=3129, help="candidate answers for the GPU estimate (VQAv2: 3129)")
     ap.add_argument("--gpu-tflops", type=float, default=200.0, help="assumed sustained GPU TFLOP/s for the estimate")
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count / GPU estimate")
+    ap.add_argument("--blank-check", action="store_true",
+                    help="also score the answerer on uniform grey crops (does it use the image?)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = paths.data_root(args.data_root or None)
@@ -102,16 +123,23 @@ def main() -> None:
     quality = answer_accuracy(answerer, items, load_attributes(root / args.split))
     eval_s = time.perf_counter() - started
     acc = quality.accuracy()
+    attributes = load_attributes(root / args.split)
+    train_triples, _ = vqa_triples(load_split_items(root, "train"), load_attributes(root / "train"))
+    prior = answer_accuracy(PriorAnswerer(train_triples), items, attributes).accuracy()
+    blank = answer_accuracy(BlankImages(answerer), items, attributes).accuracy() if args.blank_check else None
     out = {
         "data_root": str(root), "split": args.split, "threads": args.threads, "answerer": str(folder),
         "training": {k: v for k, v in answerer.record.items() if k not in ("questions",)},
         "training_seconds_wall": wall, "training_cpu_seconds": cpu,
         "load_average_1min": os.getloadavg()[0],
         "answer_accuracy": acc,
+        "prior_accuracy": prior,  # most frequent train answer per topic, image ignored
+        **({"blank_image_accuracy": blank} if blank is not None else {}),
         "n": {t: int(n) for t, n in quality.by_topic["n"].items()},
         "truth_outside_list": {t: int(n) for t, n in quality.by_topic["truth_outside_list"].items()},
         "skipped": quality.skipped,
-        "targets": {t: {"target": v, "accuracy": acc.get(t), "met": acc.get(t, 0.0) >= v} for t, v in TARGETS.items()},
+        "targets": {t: {"target": v, "accuracy": acc.get(t), "prior": prior.get(t), "met": acc.get(t, 0.0) >= v}
+                    for t, v in TARGETS.items()},
         "user_items": len(items), "eval_seconds": eval_s, "items_per_s_cpu": len(items) / max(eval_s, 1e-9),
         "colour_confusion": quality.confusion("colour").to_dict(),
     }

@@ -297,6 +297,41 @@ def test_answer_accuracy_counts_per_topic_and_skips_explicitly(smoke_root):
     assert q.confusion("colour").to_numpy().sum() == len(colour)
 
 
+def test_prior_answerer_is_the_most_frequent_train_answer_per_topic(smoke_root):
+    import pandas as pd
+
+    from capret_utils.captions import PriorAnswerer, answer_accuracy, load_attributes
+    from capret_utils.captions.dialogue import NO_ANSWER
+    from capret_utils.captions.pixel import vqa_triples
+    from capret_utils.data import df2
+
+    triples = pd.DataFrame({"topic": ["colour"] * 5 + ["category"] * 2,
+                            "answer": ["red", "blue", "red", "navy", "blue", "skirt", "shorts"]})
+    prior = PriorAnswerer(triples)
+    assert prior.majority == {"colour": "blue", "category": "shorts"}  # ties: alphabetical first
+    assert prior.answer([None, None], ["What is the main colour of the garment?", "What material is the garment made of?"]) == \
+        ["blue", NO_ANSWER]
+    with pytest.raises(ValueError, match="lack the columns"):
+        PriorAnswerer(triples.drop(columns="answer"))
+    train, _ = vqa_triples(df2.load_items(smoke_root / "train"), load_attributes(smoke_root / "train"))
+    items, attrs = df2.load_items(smoke_root / "test"), load_attributes(smoke_root / "test")
+    q = answer_accuracy(PriorAnswerer(train), items, attrs)
+    colour = q.table[q.table["topic"] == "colour"]
+    majority = train[train["topic"] == "colour"]["answer"].value_counts()
+    best = min(a for a, n in majority.items() if n == majority.max())
+    assert q.accuracy()["colour"] == pytest.approx((colour["truth"] == best).mean())
+
+
+def test_pixel_vqa_config_rejects_negative_questions_per_crop(smoke_root):
+    from capret_utils.captions import load_attributes
+    from capret_utils.captions.pixel import PixelVQAConfig, train_pixel_vqa
+    from capret_utils.data import df2
+
+    with pytest.raises(ValueError, match="questions_per_crop >= 0"):
+        train_pixel_vqa(df2.load_items(smoke_root / "train"), load_attributes(smoke_root / "train"),
+                        PixelVQAConfig(questions_per_crop=-1))
+
+
 def test_caption_setup_pixel_answerer_labels_captions_pixel(smoke_root, tmp_path):
     from capret_utils.captions import (
         CaptionSetup,

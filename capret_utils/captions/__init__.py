@@ -34,6 +34,7 @@ Submodules: ``template``, ``dialogue`` (protocols, scripted questioner, attribut
 
 from capret_utils.captions.answer_quality import (  # noqa: F401
     AnswerQuality,
+    PriorAnswerer,
     answer_accuracy,
     evaluate_answerer,
 )

@@ -9,6 +9,8 @@ Counted skips, never silent: items without ground-truth attributes (``skipped_no
 truth is "I don't know" (no ground truth for the topic, e.g. material: ``skipped_unknown_truth``). A truth the
 answerer's closed answer list cannot produce (an answer never seen in training) is kept (it is a wrong answer)
 and counted per topic in ``truth_outside_list``. :func:`evaluate_answerer` is notebook 02's entry point.
+:class:`PriorAnswerer` is the class-prior baseline: it answers every question of a topic with the topic's most
+frequent train answer, without looking at the image (what a model that ignores the pixels would score).
 """
 
 from __future__ import annotations
@@ -40,6 +42,27 @@ class AnswerQuality:
         """Counts of (truth, answer) for one topic: rows = truth, columns = answer."""
         sub = self.table[self.table["topic"] == topic]
         return pd.crosstab(sub["truth"], sub["answer"]).rename_axis(index="truth", columns="answer")
+
+
+class PriorAnswerer:
+    """The class-prior baseline (the Answerer protocol): each question gets the most frequent answer of its topic
+    among the train triples (:func:`~capret_utils.captions.pixel.vqa_triples`), ties broken alphabetically;
+    a question of a topic never seen in training gets "I don't know."."""
+
+    needs_images = False
+
+    def __init__(self, triples: pd.DataFrame) -> None:
+        missing = {"topic", "answer"} - set(triples.columns)
+        if missing:
+            raise ValueError(f"PriorAnswerer: train triples lack the columns {sorted(missing)}")
+        counts = triples.groupby(["topic", "answer"]).size().reset_index(name="n")
+        counts = counts.sort_values(["topic", "n", "answer"], ascending=[True, False, True])
+        self.majority = {str(t): str(g["answer"].iloc[0]) for t, g in counts.groupby("topic")}
+        self.name = "prior"
+
+    def answer(self, views: Sequence[Any], questions: Sequence[str],
+               histories: Sequence[Sequence[Any]] | None = None) -> list[str]:
+        return [self.majority.get(question_topic(q) or "other", NO_ANSWER) for q in questions]
 
 
 def answer_accuracy(answerer: Any, items: pd.DataFrame, attributes: Mapping[str, Mapping[str, Any]],
