@@ -15,6 +15,9 @@ export FIFTYONE_DATABASE_VALIDATION := false
 export FIFTYONE_DATABASE_DIR ?= $(CURDIR)/.cache/fiftyone-db
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
+# OpenMP threads sleep while waiting instead of spinning: spinning torch threads on a shared CPU were 4-20x slower
+# (benchmarks/bench_threads.py).
+export OMP_WAIT_POLICY ?= PASSIVE
 ifneq ($(shell grep -m1 -o -w avx2 /proc/cpuinfo 2>/dev/null),)
 export OPENBLAS_CORETYPE := Haswell
 endif

@@ -22,6 +22,7 @@ os.environ["HF_HOME"] = str(_SESSION_TMP / "hf-home")
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp (see capret_utils/__init__.py)
 os.environ.pop("CAPRET_DATA", None)  # tests never read a developer's real data by accident
 try:  # faiss-cpu is 2x faster with the Haswell OpenBLAS kernels (AVX2 machines only)
     if "avx2" in Path("/proc/cpuinfo").read_text():
