@@ -11,7 +11,7 @@ scripted question; ``rank_answer`` with ``k_test`` 128), counted analytically fo
 (X2-VLM base, 768 px, 6 decoder layers; :func:`flops_per_item`), divided by an assumed sustained throughput (``--gpu-tflops``, default 200 bf16 TFLOP/s: about 20 % of an
 H100/H200's dense peak, typical for batched ViT inference).
 
-    python benchmarks/bench_vqa.py                         # demo benchmark, default training (500 steps)
+    python benchmarks/bench_vqa.py                         # demo benchmark, default training (400 steps, every question per crop)
     python benchmarks/bench_vqa.py --steps 100 --max-items 100 --no-flops
 """
 

@@ -65,12 +65,14 @@ COMPOSED = {"describe": ("category", "colour", "pattern", "pattern_colour")}
 
 @dataclass
 class PixelVQAConfig:
-    """How the pixel answerer is trained (defaults: about 2-3 minutes on 2 CPU cores for the demo benchmark)."""
+    """How the pixel answerer is trained (defaults: the setting chosen on validation in docs/experiments.md; from
+    notebook 03's demo checkpoint about 4.5 CPU-minutes at 1 thread, ≈ 8.5 wall-minutes on the shared, loaded 2-core
+    machine)."""
 
     preset: str = "demo"  # X2-VLM architecture (capret_utils.x2vlm.PRESETS), random weights seeded by `seed`
     init: str = ""  # a notebook-03 checkpoint folder (model/, tokenizer/: trained on the train split) to start from
     # instead of random `preset` weights; its tokenizer is kept. Empty: random init
-    steps: int = 500  # optimiser steps
+    steps: int = 400  # optimiser steps
     batch_size: int = 32  # crops per step
     questions_per_crop: int = 0  # questions drawn (without replacement) per crop and step, of the trained ones;
     # 0 = all of them (10 on the synthetic benchmark): the vision pass is shared, so each extra question costs only
