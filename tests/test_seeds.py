@@ -17,7 +17,9 @@ def _fake_run(out, seed, crop_top1, gallery_top1):
     pd.DataFrame([{"name": "fine-tuned/crop", "text_source": "none", "top1": crop_top1, "mAP": crop_top1 + 0.01},
                   {"name": "fine-tuned/crop+dialogue-gallery", "text_source": "gallery-only", "top1": gallery_top1,
                    "mAP": gallery_top1, "delta_mAP": gallery_top1 - crop_top1 - 0.01,
-                   "p_top1": 0.01 if gallery_top1 < crop_top1 else 0.5}]).to_csv(run / "04_retrieval" / "variants.csv", index=False)
+                   "p_top1": 0.01 if gallery_top1 < crop_top1 else 0.5},
+                  {"name": "fine-tuned/crop@detected", "text_source": "none", "top1": float("nan"), "mAP": float("nan"),
+                   "official_top1": crop_top1 / 10, "official_top20": 0.3}]).to_csv(run / "04_retrieval" / "variants.csv", index=False)
     (run / "03_finetune" / "metrics.json").write_text(json.dumps(
         {"test": {"zero_shot": {"top1": 0.05, "mAP": 0.1}, "finetuned": {"top1": crop_top1, "mAP": 0.9}},
          "select": {"finetuned": {"top1": 1.0, "mAP": 1.0}}}))
@@ -38,6 +40,9 @@ def test_summary_is_mean_and_sample_sd_over_seeds(tmp_path):
     assert crop["top1_ci_hi"] == pytest.approx(0.9 + half, abs=1e-5)
     gallery = summary.loc["fine-tuned/crop+dialogue-gallery"]  # ΔmAP per seed: 0.09, -0.01, -0.41
     assert gallery["delta_mAP_mean"] == pytest.approx(-0.11) and gallery["seeds_p_below_0.05"] == 1
+    detected = summary.loc["fine-tuned/crop@detected"]  # official-protocol rows carry official_top1 / top20 only
+    assert detected["official_top1_mean"] == pytest.approx(0.09) and detected["official_top1_sd"] == pytest.approx(0.01)
+    assert detected["official_top20_mean"] == pytest.approx(0.3)
     # notebook 03's test numbers, never its select numbers
     assert summary.loc["03 finetuned (test)", "mAP_mean"] == pytest.approx(0.9)
     assert (tmp_path / "seeds_summary.csv").is_file() and (tmp_path / "seeds_summary.json").is_file()

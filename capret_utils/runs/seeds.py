@@ -55,7 +55,8 @@ def collect(out: str | Path) -> pd.DataFrame:
         table = run / "04_retrieval" / demo.VARIANTS_FILE
         if table.is_file():
             frame = pd.read_csv(table)
-            keep = [c for c in ("name", "text_source", "top1", "mAP", "delta_mAP", "p_top1") if c in frame]
+            keep = [c for c in ("name", "text_source", "top1", "mAP", "delta_mAP", "p_top1", "official_top1",
+                                "official_top20") if c in frame]
             rows += [{"data_seed": seed, **r} for r in frame[keep].to_dict("records")]
         finetune = run / "03_finetune" / "metrics.json"
         if finetune.is_file():
@@ -83,13 +84,15 @@ def _t_interval(values: pd.Series, level: float = 0.95) -> tuple[float, float]:
 
 def summarise(frame: pd.DataFrame) -> pd.DataFrame:
     """Per row name (in first-seen order), over data seeds: mean, sample sd and 95 % Student-t interval of the mean
-    of test hit@1 and mAP; mean and sd of the paired ΔmAP against the row's baseline (the same model's ``crop``,
+    of test hit@1 and mAP; mean and sd of the official-protocol top-1 / top-20 (the box-mode rows); mean and sd of
+    the paired ΔmAP against the row's baseline (the same model's ``crop``,
     from each seed's variant table) and on how many seeds its exact McNemar test gave p < 0.05."""
     columns = ["name", "text_source", "n_seeds", "seeds", "top1_mean", "top1_sd", "top1_ci_lo", "top1_ci_hi",
-               "mAP_mean", "mAP_sd", "mAP_ci_lo", "mAP_ci_hi", "delta_mAP_mean", "delta_mAP_sd", "seeds_p_below_0.05"]
+               "mAP_mean", "mAP_sd", "mAP_ci_lo", "mAP_ci_hi", "delta_mAP_mean", "delta_mAP_sd", "seeds_p_below_0.05",
+               "official_top1_mean", "official_top1_sd", "official_top20_mean", "official_top20_sd"]
     if not len(frame):
         return pd.DataFrame(columns=columns)
-    for col in ("delta_mAP", "p_top1"):
+    for col in ("delta_mAP", "p_top1", "official_top1", "official_top20"):
         if col not in frame:
             frame = frame.assign(**{col: float("nan")})
     rows = []
@@ -102,7 +105,10 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
                      "mAP_mean": g["mAP"].mean(), "mAP_sd": g["mAP"].std(ddof=1),
                      "mAP_ci_lo": map_ci[0], "mAP_ci_hi": map_ci[1],
                      "delta_mAP_mean": g["delta_mAP"].mean(), "delta_mAP_sd": g["delta_mAP"].std(ddof=1),
-                     "seeds_p_below_0.05": int((g["p_top1"] < 0.05).sum())})
+                     "seeds_p_below_0.05": int((g["p_top1"] < 0.05).sum()),
+                     "official_top1_mean": g["official_top1"].mean(), "official_top1_sd": g["official_top1"].std(ddof=1),
+                     "official_top20_mean": g["official_top20"].mean(),
+                     "official_top20_sd": g["official_top20"].std(ddof=1)})
     return pd.DataFrame(rows, columns=columns)
 
 
