@@ -43,6 +43,10 @@ def test_summary_is_mean_and_sample_sd_over_seeds(tmp_path):
     detected = summary.loc["fine-tuned/crop@detected"]  # official-protocol rows carry official_top1 / top20 only
     assert detected["official_top1_mean"] == pytest.approx(0.09) and detected["official_top1_sd"] == pytest.approx(0.01)
     assert detected["official_top20_mean"] == pytest.approx(0.3)
+    table = seeds.markdown_table(summary.reset_index())
+    assert "| `fine-tuned/crop` | none | 3 | 0.900 ± 0.100 [0.652, 1.000] |" in table  # t-interval clipped to [0, 1]
+    assert "| `fine-tuned/crop@detected` | none | 3 | official top-1 0.090 ± 0.010 |" in table
+    assert "-0.110 ± 0.265 | 1 |" in table  # the gallery row: paired ΔmAP and the seeds with p < 0.05
     # notebook 03's test numbers, never its select numbers
     assert summary.loc["03 finetuned (test)", "mAP_mean"] == pytest.approx(0.9)
     assert (tmp_path / "seeds_summary.csv").is_file() and (tmp_path / "seeds_summary.json").is_file()
