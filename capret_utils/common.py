@@ -11,7 +11,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 if TYPE_CHECKING:
     import torch
@@ -106,6 +106,27 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def read_param_file(path: str | os.PathLike, allowed: Iterable[str], allowed_text: str) -> dict[str, Any]:
+    """The mapping in a YAML / JSON parameter file (the CLIs' ``--params``); a missing file, a parse error, a
+    non-mapping or a name outside ``allowed`` raises naming the file (and the name; ``allowed_text`` says what is
+    allowed)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"parameter file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not a YAML / JSON mapping ({err})") from err
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{path}: expected a mapping of parameters, got {type(values).__name__}")
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ValueError(f"{path}: unknown parameter(s) {unknown}; allowed: {allowed_text}")
+    return dict(values)
 
 
 def from_params(cls: type, params: Mapping[str, Any], **extra: Any) -> Any:

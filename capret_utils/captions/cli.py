@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -38,7 +37,7 @@ from capret_utils.captions.runner import (
 )
 from capret_utils.captions.store import CAPTIONS_FILE
 from capret_utils.captions.tiny import build_tiny_models
-from capret_utils.common import from_params, jsonable, read_json, repo_root, write_json
+from capret_utils.common import from_params, read_json, read_param_file, write_json
 
 # the parameters of a caption run besides the CaptionSetup fields, with their defaults (notebook 02's names)
 RUN_PARAMS: dict[str, Any] = {
@@ -59,19 +58,8 @@ def stats_path(run_dir: str | os.PathLike, rank: int) -> Path:
 
 def read_params(path: str | os.PathLike) -> dict[str, Any]:
     """The mapping in a YAML / JSON parameter file; an unknown name raises naming the file and the name."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"parameter file {path} does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, Mapping):
-        raise ValueError(f"{path}: expected a mapping of parameters, got {type(values).__name__}")
-    unknown = sorted(set(values) - {f.name for f in fields(CaptionSetup)} - set(RUN_PARAMS))
-    if unknown:
-        raise ValueError(f"{path}: unknown parameter(s) {unknown}; allowed: the CaptionSetup fields and "
-                         f"{sorted(RUN_PARAMS)}")
-    return dict(values)
+    return read_param_file(path, {f.name for f in fields(CaptionSetup)} | set(RUN_PARAMS),
+                           f"the CaptionSetup fields and {sorted(RUN_PARAMS)}")
 
 
 def run_shard(params: Mapping[str, Any], run_dir: str | os.PathLike) -> RunStats:
@@ -96,9 +84,7 @@ def launch(params: Mapping[str, Any], run_dir: str | os.PathLike, nproc: int, qu
     return the ranks' :class:`RunStats` summed (``seconds``: the slowest rank). A failed run raises
     ``RuntimeError`` with the command and the last output lines; no process outlives the call or a killed caller
     (:func:`capret_utils.runs.shutdown.run_child`)."""
-    import yaml
-
-    from capret_utils.runs.shutdown import run_child
+    from capret_utils.runs.shutdown import torchrun
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -109,14 +95,7 @@ def launch(params: Mapping[str, Any], run_dir: str | os.PathLike, nproc: int, qu
         pixel_answerer_folder(setup, run_dir / TINY_DIR)  # trains on a cache miss; the ranks then load it
     for old in run_dir.glob("caption_stats.rank*.json"):
         old.unlink()
-    path = run_dir / LAUNCH_FILE
-    path.write_text(yaml.safe_dump(jsonable(dict(params)), sort_keys=False))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={int(nproc)}",
-           "-m", "capret_utils.captions", "--params", str(path), "--run-dir", str(run_dir)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo_root()), os.environ.get("PYTHONPATH")]))}
-    code, tail = run_child(cmd, repo_root(), env, quiet)
-    if code != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {code}):\n{tail}")
+    torchrun("capret_utils.captions", params, run_dir, nproc, LAUNCH_FILE, quiet)
     return merged_stats([read_json(stats_path(run_dir, r)) for r in range(int(nproc))])
 
 

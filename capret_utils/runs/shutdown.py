@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any, Mapping
 
 import psutil
@@ -60,6 +61,28 @@ def run_child(cmd: list[str], cwd: str | os.PathLike, env: Mapping[str, str], qu
             terminate_tree(proc.pid)
         proc.stdout.close()
     return proc.returncode, "".join(tail)
+
+
+def torchrun(module: str, params: Mapping[str, Any], run_dir: str | os.PathLike, nproc: int, params_file: str,
+             quiet: bool = False) -> None:
+    """Write ``params`` to ``<run_dir>/<params_file>`` and run ``python -m torch.distributed.run --standalone
+    --nproc_per_node N -m <module> --params FILE --run-dir DIR`` from the repository (on its ``PYTHONPATH``) through
+    :func:`run_child`; a failed run raises ``RuntimeError`` with the command and the last output lines. What
+    ``train.cli.launch`` and ``captions.cli.launch`` share."""
+    import yaml
+
+    from capret_utils.common import jsonable, repo_root
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / params_file
+    path.write_text(yaml.safe_dump(jsonable(dict(params)), sort_keys=False))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={int(nproc)}",
+           "-m", module, "--params", str(path), "--run-dir", str(run_dir)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo_root()), os.environ.get("PYTHONPATH")]))}
+    code, tail = run_child(cmd, repo_root(), env, quiet)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {code}):\n{tail}")
 
 
 _EXEC_WITH_PARENT_DEATH_SIGNAL = (

@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from capret_utils.common import jsonable, repo_root
+from capret_utils.common import jsonable, read_param_file
 from capret_utils.train import distributed as DI
 from capret_utils.train.checkpoint import load_finetuned, read_history
 from capret_utils.train.config import CHECKPOINT_DIR, INFO_FILE, TrainConfig, config_fields, resolve_params, smoke_config
@@ -47,22 +46,8 @@ LAUNCH_FILE = "launch_params.yaml"
 
 def read_params(path: str | os.PathLike) -> dict[str, Any]:
     """The mapping in a YAML / JSON parameter file; an unknown name raises naming the file and the name."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"parameter file {path} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not a YAML / JSON mapping ({err})") from err
-    if not isinstance(values, Mapping):
-        raise ValueError(f"{path}: expected a mapping of parameters, got {type(values).__name__}")
-    unknown = sorted(set(values) - set(config_fields()) - set(RUN_PARAMS))
-    if unknown:
-        raise ValueError(f"{path}: unknown parameter(s) {unknown}; allowed: the TrainConfig fields and "
-                         f"{sorted(RUN_PARAMS)}")
-    return dict(values)
+    return read_param_file(path, set(config_fields()) | set(RUN_PARAMS),
+                           f"the TrainConfig fields and {sorted(RUN_PARAMS)}")
 
 
 def run_params(params: Mapping[str, Any], run_dir: str | os.PathLike,
@@ -103,31 +88,15 @@ def run_params(params: Mapping[str, Any], run_dir: str | os.PathLike,
     return result
 
 
-def launch_command(params_file: str | os.PathLike, run_dir: str | os.PathLike, nproc: int) -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc_per_node N -m capret_utils.train ...`` (torchrun)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={int(nproc)}",
-            "-m", "capret_utils.train", "--params", str(params_file), "--run-dir", str(run_dir)]
-
-
 def launch(params: Mapping[str, Any], run_dir: str | os.PathLike, nproc: int, quiet: bool = False,
            ) -> FinetuneResult:
-    """Write ``params`` to ``<run_dir>/launch_params.yaml``, run :func:`launch_command` (``nproc`` processes on
-    this machine; output streamed) and return :func:`load_result`. A failed run raises ``RuntimeError`` with the
-    command and the last output lines. No process outlives the call or a killed caller
-    (:func:`capret_utils.runs.shutdown.run_child`)."""
-    import yaml
+    """Write ``params`` to ``<run_dir>/launch_params.yaml``, run ``torchrun --standalone --nproc_per_node N -m
+    capret_utils.train`` on it (``nproc`` processes on this machine; output streamed) and return
+    :func:`load_result`. A failed run raises ``RuntimeError`` with the command and the last output lines. No process
+    outlives the call or a killed caller (:func:`capret_utils.runs.shutdown.torchrun`)."""
+    from capret_utils.runs.shutdown import torchrun
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LAUNCH_FILE
-    path.write_text(yaml.safe_dump(jsonable(dict(params)), sort_keys=False))
-    from capret_utils.runs.shutdown import run_child
-
-    cmd = launch_command(path, run_dir, nproc)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo_root()), os.environ.get("PYTHONPATH")]))}
-    code, tail = run_child(cmd, repo_root(), env, quiet)
-    if code != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {code}):\n{tail}")
+    torchrun("capret_utils.train", params, run_dir, nproc, LAUNCH_FILE, quiet)
     return load_result(run_dir)
 
 
