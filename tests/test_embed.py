@@ -198,3 +198,49 @@ def test_itm_scores_share_each_caption_across_its_candidates_and_equal_one_pair_
         got = E.itm_scores(bundle, qtexts, rows, cand, lambda r: tokens[torch.as_tensor(r)],
                            E.EmbedConfig(batch_size=batch_size, bf16=False, progress=False))
         np.testing.assert_allclose(got, naive, atol=1e-4)
+
+
+def test_tta_contexts_average_the_normalised_features_of_each_crop_context(bundle, val_items):
+    """Crop TTA equals the naive reference: one embedding pass per context, features summed and renormalised; the
+    bundle's ``tta_contexts`` is the default, an explicit () turns it off, whole photos never get it."""
+    cfg = dict(view="crop", batch_size=3, progress=False, num_workers=0)
+    store = ImageStore(64, draft=False)  # full decodes: every context's crop equals its own crop()
+    _, at_01 = E.embed_items(val_items, bundle, E.EmbedConfig(context=0.1, tta_contexts=(), **cfg), store=store)
+    _, at_0 = E.embed_items(val_items, bundle, E.EmbedConfig(context=0.0, tta_contexts=(), **cfg), store=store)
+    _, at_02 = E.embed_items(val_items, bundle, E.EmbedConfig(context=0.2, tta_contexts=(), **cfg), store=store)
+    expected = at_01 + at_0 + at_02
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    _, tta = E.embed_items(val_items, bundle, E.EmbedConfig(context=0.1, tta_contexts=(0.0, 0.2), **cfg),
+                           store=store)
+    np.testing.assert_allclose(tta, expected, atol=1e-5)
+    assert not np.allclose(tta, at_01, atol=1e-3)
+    info = dict(bundle.info)
+    try:
+        bundle.info["tta_contexts"] = [0.0, 0.2]
+        _, default = E.embed_items(val_items, bundle, E.EmbedConfig(context=0.1, **cfg), store=store)
+        _, off = E.embed_items(val_items, bundle, E.EmbedConfig(context=0.1, tta_contexts=(), **cfg), store=store)
+        assert E.tta_tag(bundle, E.EmbedConfig()) == "-tta0_0.2" and E.tta_tag(bundle, E.EmbedConfig(view="image")) == ""
+    finally:
+        bundle.info.clear()
+        bundle.info.update(info)
+    np.testing.assert_allclose(default, expected, atol=1e-5)
+    np.testing.assert_allclose(off, at_01, atol=1e-6)
+    assert E.tta_contexts(bundle, E.EmbedConfig(view="image", tta_contexts=(0.0,))) == ()
+
+
+def test_image_features_of_a_tta_stack_keep_the_first_views_tokens(bundle, val_items):
+    store = ImageStore(64)
+    rows = val_items.head(3).to_dict("records")
+    crops = [store.crop_contexts(r, (0.1, 0.0)) for r in rows]
+    for r, (a, b) in zip(rows, crops):  # one decode: the first crop is crop()'s, the others equal theirs undrafted
+        assert np.array_equal(np.asarray(a), np.asarray(store.crop(r, 0.1)))
+        assert np.array_equal(np.asarray(ImageStore(64, draft=False).crop_contexts(r, (0.1, 0.0))[1]),
+                              np.asarray(ImageStore(64, draft=False).crop(r, 0.0)))
+    stack = torch.stack([torch.stack([torch.from_numpy(bundle.processor.process_one(im, train=False)[0]) for im in c])
+                         for c in crops])
+    with torch.no_grad():
+        embeds, feat = E.image_features(bundle.model, stack)
+    first_embeds, first = _direct(bundle, [c[0] for c in crops])
+    _, second = _direct(bundle, [c[1] for c in crops])
+    torch.testing.assert_close(embeds, first_embeds)
+    torch.testing.assert_close(feat, F.normalize(first + second, dim=-1))

@@ -95,7 +95,7 @@ def test_x2vlm_recipe_resolves_the_official_values_for_pretrained_models(tmp_pat
     official = dict(image_res=384, lr=3e-5, weight_decay=0.01, head_lr_mult=2.0, schedule="linear", warmup=0.1,
                     epochs=10, batch_size=20, w_itc=1.0, w_itm=1.0, w_box=0.0, w_category=0.0,
                     category_recolour=0, crop_scale=(0.5, 1.0), crop_ratio_relative=False, erase_prob=0.0,
-                    margin=0.15, arcface_scale=30.0, w_arcface=1.0, finetune_mode="full")
+                    margin=0.15, arcface_scale=30.0, w_arcface=1.0, finetune_mode="full", tta_contexts=())
     folder = tmp_path / "ckpt"
     folder.mkdir()
     (folder / train.INFO_FILE).write_text("{}")
@@ -141,3 +141,14 @@ def test_notebook_03_exposes_recipe_accumulation_and_checkpointing():
         str(repo_root() / "notebooks" / "03_finetune.ipynb"), as_version=4).cells)
     assert "train.resolve_params(globals(), overrides)" in source and "param_sources" in source
     assert "train.plan_memory(cfg)" in source and "train.check_fits(cfg, plan)" in source
+
+
+def test_crop_tta_is_a_demo_recipe_setting_that_never_changes_the_trajectory():
+    """Test-time augmentation is evaluation only: on for the demo recipe (chosen on select), off for x2vlm, free
+    to change on resume, validated, and carried into the bundle info that 04 and the evaluation read."""
+    assert train.TrainConfig().tta_contexts == (0.0,) and train.RECIPES["x2vlm"]["tta_contexts"] == ()
+    assert train.TrainConfig().trajectory_digest() == train.TrainConfig(tta_contexts=()).trajectory_digest()
+    cfg = train.config_from_params({}, "{tta_contexts: [0.0, 0.1]}")
+    assert cfg.tta_contexts == (0.0, 0.1)
+    with pytest.raises(ValueError, match="tta_contexts"):
+        train.TrainConfig(tta_contexts=(-0.1,)).validate()

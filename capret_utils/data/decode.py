@@ -221,6 +221,24 @@ class ImageStore:
             bottom = max(top + 1, min(full.height, int(math.ceil(bottom * sy))))
         return _shrink(full.crop((left, top, right, bottom)), self.side)
 
+    def crop_contexts(self, row: Mapping[str, Any], contexts: Sequence[float]) -> list[Image.Image] | None:
+        """The crops of ``row``'s box at several ``contexts`` from **one** decode (test-time augmentation), decoded at
+        the scale :meth:`crop` uses for the first context, so the first crop equals :meth:`crop`'s (the others equal
+        theirs without draft decoding). Not cached. ``None`` for an unreadable file (``on_error="skip"``)."""
+        contexts = [float(c) for c in contexts]
+        if len(contexts) == 1:
+            one = self.crop(row, contexts[0])
+            return None if one is None else [one]
+        width, height = int(row.get("width") or 0), int(row.get("height") or 0)
+        request = None
+        if self.draft and width > 0 and height > 0:
+            left, top, right, bottom = crop_box(row, contexts[0], width, height)
+            request = _request(width, height, max(right - left, bottom - top), self.side)
+        decoded = self._decode(row, request)
+        if decoded is None:
+            return None
+        return [self._cut(decoded, row, c) for c in contexts]
+
     def crops(self, row: Mapping[str, Any], boxes: np.ndarray, context: float) -> list[Image.Image] | None:
         """The crops of several boxes (``boxes`` (n, 4) pixel corners) of one photo from **one** decode (not
         cached): the decode is as small as the smallest region allows (each region keeps >= ``side`` pixels), so

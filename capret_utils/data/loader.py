@@ -210,7 +210,8 @@ class ItemDataset(torch.utils.data.Dataset):
         self.text_group = (np.asarray(text_group, dtype=np.int64) if text_group is not None
                            else text_ids(list(texts)))
         self.config = config
-        self.store = store or ImageStore(config.store_side, config.cache_mb, config.draft, config.bad_images)
+        self.store = store if store is not None else ImageStore(config.store_side, config.cache_mb, config.draft,
+                                                                config.bad_images)
         self.processor = processor or build_processor(config)
 
     def __len__(self) -> int:
@@ -310,26 +311,36 @@ class ViewDataset(torch.utils.data.Dataset):
     ``view``: ``"crop"`` (the box given by ``boxes`` or the table's GT box, grown by ``context``) or ``"image"``.
     An unreadable image with ``store.on_error="skip"`` yields a grey placeholder view and is listed in the batch's
     ``"skipped"`` (so every row still gets an embedding and stays in the evaluation's denominator).
+    ``tta_contexts`` (crop view only): further contexts cut from the same decode; the pixel array is then
+    ``(1 + len(tta_contexts), 3, H, W)``, the ``context`` view first (test-time augmentation).
     """
 
     def __init__(self, items: pd.DataFrame, store: ImageStore, processor: X2VLMImageProcessor, view: str = "crop",
-                 context: float = CROP_CONTEXT, boxes: np.ndarray | None = None) -> None:
+                 context: float = CROP_CONTEXT, boxes: np.ndarray | None = None,
+                 tta_contexts: Sequence[float] = ()) -> None:
         if view not in VIEWS:
             raise ValueError(f"ViewDataset view must be one of {VIEWS}, got {view!r}")
         self.columns = ItemColumns(items, boxes)
         self.store, self.processor, self.view, self.context = store, processor, view, float(context)
+        self.tta_contexts = tuple(float(c) for c in tta_contexts) if view == "crop" else ()
 
     def __len__(self) -> int:
         return len(self.columns)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.columns.row(int(i))
-        image = self.store.view(row, self.view, self.context)
         out: dict[str, Any] = {"row": int(i)}
-        if image is None:
-            image = Image.new("RGB", (self.store.side, self.store.side), (128, 128, 128))
+        if self.tta_contexts:
+            images = self.store.crop_contexts(row, (self.context, *self.tta_contexts))
+        else:
+            image = self.store.view(row, self.view, self.context)
+            images = None if image is None else [image]
+        if images is None:
+            images = [Image.new("RGB", (self.store.side, self.store.side), (128, 128, 128))] * (
+                1 + len(self.tta_contexts))
             out["skipped"] = {"key": row["key"], "path": row["path"]}
-        out["pixel_values"] = torch.from_numpy(self.processor.process_one(image, train=False)[0])
+        pixels = [torch.from_numpy(self.processor.process_one(im, train=False)[0]) for im in images]
+        out["pixel_values"] = torch.stack(pixels) if self.tta_contexts else pixels[0]
         return out
 
 

@@ -165,7 +165,7 @@ def fresh_bundle(model: str, seed: int, texts: Sequence[str], device: str = "aut
     return embed.ModelBundle(model=net, tokenizer=tokenizer,
                              processor=X2VLMImageProcessor(ImageSettings(image_res=res)),
                              info={"context": tcfg.context if context is None else context, "cache_side": 2 * res,
-                                   "source": source})
+                                   "tta_contexts": list(tcfg.tta_contexts), "source": source})
 
 
 def load_models(checkpoint: str, model: str, seed: int, texts: Sequence[str], device: str = "auto",
@@ -302,9 +302,9 @@ def run_variant(variant: Variant, model_name: str, bundle: embed.ModelBundle, da
     cfg.validate()
     bundle.info["bad_images"] = cfg.bad_images  # what its image stores do with an unreadable file
     cache = Path(cache) if cache is not None else None
-    tag = f"{model_name}-{fingerprint(bundle)}"
     ecfg = embed.EmbedConfig(view="crop", batch_size=cfg.batch_size, progress=cfg.progress,
-                               num_workers=cfg.num_workers)
+                             num_workers=cfg.num_workers)
+    tag = f"{model_name}-{fingerprint(bundle)}{embed.tta_tag(bundle, ecfg)}"  # cached features differ by their TTA
     if variant.level == "image":
         def emb(frame: pd.DataFrame, side: str) -> np.ndarray:
             keys = frame["key"].tolist()

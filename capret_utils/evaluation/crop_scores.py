@@ -107,7 +107,8 @@ def crop_scores(photos: pd.DataFrame, boxes: np.ndarray, valid: np.ndarray, bund
     P, K = np.asarray(valid).shape
     model = bundle.model.eval()
     context = float(context if context is not None else bundle.info.get("context", 0.05))
-    dataset = CandidateCrops(photos, boxes, valid, store or bundle.store(), bundle.processor, context)
+    store = store if store is not None else bundle.store()
+    dataset = CandidateCrops(photos, boxes, valid, store, bundle.processor, context)
     workers = 0 if P <= batch_size else num_workers
     loader = build_loader(dataset, collate_crops, workers, batch_size=batch_size,
                           pin_memory=bundle.device.type == "cuda", persistent=False)

@@ -190,7 +190,7 @@ def candidates(photos: pd.DataFrame, bundle: embed.ModelBundle, config: DetectCo
     model, C = bundle.model.eval(), len(CATEGORY_IDS)
     ecfg = embed.EmbedConfig(batch_size=config.batch_size, bf16=config.bf16, num_workers=config.num_workers,
                              progress=config.progress)
-    store = store or bundle.store()
+    store = store if store is not None else bundle.store()
     with embed.autocast(bundle.device, config.bf16):
         states, mask, text_feat = _category_texts(bundle)
     rel, itm_photo = [], []

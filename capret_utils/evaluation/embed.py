@@ -81,6 +81,8 @@ class EmbedConfig:
 
     view: str = "crop"  # "crop" (GT box + context) | "image" (whole photo) | "predicted" (box head box + context)
     context: float | None = None  # crop margin per side (fraction of box w/h); None = the bundle's training value
+    tta_contexts: tuple[float, ...] | None = None  # further crop margins whose features are averaged in (crop views;
+    # test-time augmentation, the tokens stay those of `context`); None = the bundle's (TrainConfig.tta_contexts)
     fusion: str = "none"  # "none" (image feature) | "late" (image + alpha * text feature) | "cross" (fusion [CLS])
     alpha: float = 1.0  # late fusion text weight
     batch_size: int = 64  # images per forward pass
@@ -120,6 +122,33 @@ def _context(bundle: ModelBundle, config: EmbedConfig) -> float:
     return float(config.context if config.context is not None else bundle.info.get("context", CROP_CONTEXT))
 
 
+def tta_contexts(bundle: ModelBundle, config: EmbedConfig) -> tuple[float, ...]:
+    """The extra crop contexts averaged into crop features (``config`` first, else the bundle's training config)."""
+    if config.view == "image":
+        return ()
+    values = config.tta_contexts if config.tta_contexts is not None else bundle.info.get("tta_contexts", ())
+    return tuple(float(c) for c in values or ())
+
+
+def tta_tag(bundle: ModelBundle, config: EmbedConfig) -> str:
+    """A file-name suffix for cached crop features that differ by test-time augmentation ("" when off)."""
+    extra = tta_contexts(bundle, config)
+    return "-tta" + "_".join(f"{c:g}" for c in extra) if extra else ""
+
+
+def image_features(model: X2VLMModel, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image_embeds, image_feat)`` of a batch: ``(B, 3, H, W)`` as :meth:`~capret_utils.x2vlm.X2VLMModel
+    .get_image_embeds`; a test-time-augmentation stack ``(B, V, 3, H, W)`` (:class:`~capret_utils.data.loader
+    .ViewDataset` with ``tta_contexts``) gives the first view's tokens and the renormalised mean of the V
+    normalised features."""
+    if pixel_values.ndim == 4:
+        return model.get_image_embeds(pixel_values)
+    b, v = pixel_values.shape[:2]
+    embeds, feat = model.get_image_embeds(pixel_values.flatten(0, 1))
+    feat = F.normalize(F.normalize(feat.float(), dim=-1).view(b, v, -1).sum(1), dim=-1)
+    return embeds.view(b, v, *embeds.shape[1:])[:, 0], feat
+
+
 def _texts_for(items: pd.DataFrame, texts: Sequence[str] | None, what: str) -> list[str]:
     if texts is None:
         raise ValueError(f"{what} needs one text per item (captions or category names)")
@@ -145,11 +174,12 @@ def embed_texts(texts: Sequence[str], bundle: ModelBundle, config: EmbedConfig |
 
 def _loader_batches(items: pd.DataFrame, bundle: ModelBundle, config: EmbedConfig, store: ImageStore, view: str,
                     context: float = 0.0, boxes: np.ndarray | None = None, desc: str = "embed",
-                    ) -> Iterator[tuple[slice, torch.Tensor]]:
+                    tta: Sequence[float] = ()) -> Iterator[tuple[slice, torch.Tensor]]:
     """``(row slice, pixel values on the model's device)`` per batch, in row order, through the shared loader
     (:func:`capret_utils.data.loader.build_loader`; in-process for a single batch). Unreadable images (store
-    ``on_error="skip"``) come as grey placeholders and are reported in one warning at the end."""
-    dataset = ViewDataset(items, store, bundle.processor, view, context, boxes)
+    ``on_error="skip"``) come as grey placeholders and are reported in one warning at the end. ``tta``: further
+    crop contexts, stacked per row (``(B, 1 + len(tta), 3, H, W)``; :func:`image_features`)."""
+    dataset = ViewDataset(items, store, bundle.processor, view, context, boxes, tta)
     workers = 0 if len(dataset) <= config.batch_size else config.num_workers
     cuda = bundle.device.type == "cuda"
     loader = build_loader(dataset, collate_views, workers, batch_size=config.batch_size, pin_memory=cuda,
@@ -179,7 +209,7 @@ def predict_boxes(items: pd.DataFrame, bundle: ModelBundle, texts: Sequence[str]
     """
     config = config or EmbedConfig()
     texts = [str(c) for c in items["category_name"]] if texts is None else _texts_for(items, texts, "predict_boxes")
-    store = store or bundle.store(config.cache_images)
+    store = store if store is not None else bundle.store(config.cache_images)
     model, out = bundle.model.eval(), []
     for sl, pv in _loader_batches(items, bundle, config, store, "image", desc="predict boxes"):
         enc = bundle.tokenizer(texts[sl])
@@ -213,7 +243,8 @@ def _view_batches(items: pd.DataFrame, bundle: ModelBundle, config: EmbedConfig,
     """Batches of the configured ``view`` (GT crop, whole photo, or the crop of the box head's box)."""
     boxes = predict_boxes(items, bundle, texts, config, store) if config.view == "predicted" else None
     view = "image" if config.view == "image" else "crop"
-    return _loader_batches(items, bundle, config, store, view, _context(bundle, config), boxes, desc)
+    return _loader_batches(items, bundle, config, store, view, _context(bundle, config), boxes, desc,
+                           tta_contexts(bundle, config))
 
 
 @torch.no_grad()
@@ -229,14 +260,14 @@ def embed_items(items: pd.DataFrame, bundle: ModelBundle, config: EmbedConfig | 
     config.validate()
     if config.fusion != "none":
         texts = _texts_for(items, texts, f"fusion={config.fusion!r}")
-    store = store or bundle.store(config.cache_images)
+    store = store if store is not None else bundle.store(config.cache_images)
     model = bundle.model.eval()
     keys = [str(k) for k in items["key"]]
     out = []
     desc = f"embed {config.view}" + (f"+{config.fusion}" if config.fusion != "none" else "")
     for sl, pv in _view_batches(items, bundle, config, texts, store, desc):
         with autocast(bundle.device, config.bf16):
-            image_embeds, image_feat = model.get_image_embeds(pv)
+            image_embeds, image_feat = image_features(model, pv)
             if config.fusion == "none":
                 feat = image_feat
             else:
@@ -259,7 +290,7 @@ def embed_images(images: pd.DataFrame, bundle: ModelBundle, config: EmbedConfig 
     """Whole-photo image features for an image table (``metrics.image_sets`` rows: ``key``, ``path``):
     ``(image keys, float32 (n, embed_dim))``."""
     config = config or EmbedConfig()
-    store = store or bundle.store(config.cache_images)
+    store = store if store is not None else bundle.store(config.cache_images)
     model = bundle.model.eval()
     out = []
     table = pd.DataFrame({"key": [str(k) for k in images["key"]], "path": [str(p) for p in images["path"]]})

@@ -77,15 +77,16 @@ def view_features(items: pd.DataFrame, bundle: embed.ModelBundle, config: embed.
         return hit
     folder.mkdir(parents=True, exist_ok=True)
     feat_path, keys_path, tok_path = _files(folder, name)
-    store = store or bundle.store(config.cache_images)
+    store = store if store is not None else bundle.store(config.cache_images)
     model = bundle.model.eval()
     view = "image" if config.view == "image" else "crop"
     context = embed._context(bundle, config)
     feats = np.zeros((len(keys), int(model.config.embed_dim)), np.float32)
     memmap, tmp_tok = None, None
-    for sl, pv in embed._loader_batches(items, bundle, config, store, view, context, None, f"embed {name}"):
+    for sl, pv in embed._loader_batches(items, bundle, config, store, view, context, None, f"embed {name}",
+                                        embed.tta_contexts(bundle, config)):
         with embed.autocast(bundle.device, config.bf16):
-            image_embeds, image_feat = model.get_image_embeds(pv)
+            image_embeds, image_feat = embed.image_features(model, pv)
         feats[sl] = F.normalize(image_feat.float(), dim=-1).cpu().numpy()
         if tokens:
             if memmap is None:

@@ -40,16 +40,16 @@ RECIPES: dict[str, dict[str, Any]] = {
     "demo": dict(finetune_mode="auto", image_res=0, lr=2e-3, weight_decay=0.05, head_lr_mult=2.0,
                  schedule="cosine", warmup=0.1, epochs=30, batch_size=64, per_identity=1, w_itc=1.0, w_itm=1.0,
                  w_box=1.0, w_arcface=1.0, w_category=1.0, category_recolour=64, margin=0.15, arcface_scale=30.0,
-                 crop_scale=(0.9, 1.0), crop_ratio_relative=True, erase_prob=0.5),
+                 crop_scale=(0.9, 1.0), crop_ratio_relative=True, erase_prob=0.5, tta_contexts=(0.0,)),
     "x2vlm": dict(finetune_mode="full", image_res=384, lr=3e-5, weight_decay=0.01, head_lr_mult=2.0,
                   schedule="linear", warmup=0.1, epochs=10, batch_size=20, per_identity=1, w_itc=1.0, w_itm=1.0,
                   w_box=0.0, w_arcface=1.0, w_category=0.0, category_recolour=0, margin=0.15, arcface_scale=30.0,
-                  crop_scale=(0.5, 1.0), crop_ratio_relative=False, erase_prob=0.0),
+                  crop_scale=(0.5, 1.0), crop_ratio_relative=False, erase_prob=0.0, tta_contexts=()),
 }
 # fields that may change between a killed run and its resume without changing the trajectory
 _RESUME_FREE = ("resume", "num_workers", "eval_every", "ckpt_every", "keep_checkpoints", "progress", "device",
                 "eval_image_level", "threads", "gradient_checkpointing", "recipe", "cache_mb", "bad_images",
-                "log_every", "eval_items")
+                "log_every", "eval_items", "tta_contexts")
 
 
 @dataclass
@@ -82,6 +82,9 @@ class TrainConfig:
             False = the whole photo for every item, no box loss.
         context: crop context on each side of the item box, fraction of the box width / height (>= 0; default
             :data:`capret_utils.data.boxes.CROP_CONTEXT`).
+        tta_contexts: further crop contexts (fractions, >= 0) whose embeddings are averaged with the ``context`` one
+            when crops are embedded for retrieval (test-time augmentation; evaluation only, training unchanged);
+            () = off. Demo recipe (0.0,): the tight box as well; x2vlm recipe () (not measured on real data).
         batch_size: items per micro-batch (per accumulation step) = identities per batch x per_identity; an
             optimizer step sees batch_size x grad_accum items.
         per_identity: items per identity in a batch, the K of the P x K sampler (1 = every item a different
@@ -161,6 +164,7 @@ class TrainConfig:
     use_captions: str = "dialogue"
     use_boxes: bool = True
     context: float = CROP_CONTEXT
+    tta_contexts: tuple[float, ...] = (0.0,)
     batch_size: int = 64
     per_identity: int = 1
     box_fraction: float = 0.25
@@ -260,6 +264,8 @@ class TrainConfig:
             raise ValueError(f"category_views must be recoloured | both, got {self.category_views!r}")
         if self.category_recolour < 0:
             raise ValueError(f"category_recolour counts crops of a batch (0 = off), got {self.category_recolour}")
+        if any(not isinstance(c, (int, float)) or c < 0 for c in self.tta_contexts):
+            raise ValueError(f"tta_contexts must be crop contexts >= 0, got {self.tta_contexts!r}")
         if not 0 <= self.erase_prob <= 1:
             raise ValueError(f"erase_prob must be in [0, 1], got {self.erase_prob}")
         if self.bad_images not in ("raise", "skip"):

@@ -80,9 +80,10 @@ def evaluate(bundle: E.ModelBundle, items: pd.DataFrame, config: TrainConfig | N
 
     config = config or TrainConfig()
     view = "crop" if config.use_boxes else "image"
-    ecfg = E.EmbedConfig(view=view, context=config.context, batch_size=128, bf16=config.bf16, progress=progress,
+    ecfg = E.EmbedConfig(view=view, context=config.context, tta_contexts=tuple(config.tta_contexts), batch_size=128,
+                         bf16=config.bf16, progress=progress,
                          num_workers=config.num_workers)
-    store = store or bundle.store(cache=True)
+    store = store if store is not None else bundle.store(cache=True)
     queries, gallery = metrics.item_sets(items)
     _, q = embed_items(queries, bundle, ecfg, store=store)
     _, g = embed_items(gallery, bundle, ecfg, store=store)

@@ -153,7 +153,8 @@ def prepare(config: TrainConfig, train_items: pd.DataFrame, captions: Mapping[st
                             text_group=D.text_ids(texts, tokenizer))
     device = resolve_device(config.device)
     model.to(device)
-    info = {"context": config.context, "cache_side": dcfg.store_side, "use_captions": config.use_captions,
+    info = {"context": config.context, "tta_contexts": list(config.tta_contexts), "cache_side": dcfg.store_side,
+            "use_captions": config.use_captions,
             "view": dcfg.view, "image_res": image_res, "bad_images": config.bad_images}
     bundle = E.ModelBundle(model=model, tokenizer=tokenizer, processor=X2VLMImageProcessor(
         ImageSettings(image_res=image_res)), info=info)

@@ -178,7 +178,7 @@ def finetune_encoder(encoder: Encoder, items: pd.DataFrame, cfg: PeerTrainConfig
     optimizer = torch.optim.AdamW([{"params": lora_params, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
                                    {"params": list(arcface.parameters()), "lr": cfg.lr_arcface, "weight_decay": 0.0}])
     scheduler = build_scheduler(optimizer, cfg.steps, cfg) if cfg.schedule != "constant" else None
-    store = store or ImageStore(max(2 * encoder.image_size, 64))
+    store = store if store is not None else ImageStore(max(2 * encoder.image_size, 64))
     sampler = PKBatchSampler(labels, per_batch, cfg.per_identity, seed=cfg.seed)
     history: list[dict[str, Any]] = []
 
@@ -322,7 +322,7 @@ def evaluate_encoder(encoder: Encoder, items: pd.DataFrame, context: float, stor
     from capret_utils.evaluation import metrics
     from capret_utils.evaluation.peers import embed_crops
 
-    store = store or ImageStore(max(2 * encoder.image_size, 64))
+    store = store if store is not None else ImageStore(max(2 * encoder.image_size, 64))
     queries, gallery = metrics.item_sets(items)
     q = embed_crops(encoder, queries, store, context, batch_size)
     g = embed_crops(encoder, gallery, store, context, batch_size)
