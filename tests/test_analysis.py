@@ -300,6 +300,16 @@ def test_failure_views_hold_exactly_the_failures(items):
         assert det["zero_shot_crop_first_hit_rank"] == ng - 1 and det["zero_shot_crop_hit_at_10"] is False
         assert det["fine_tuned_crop_topk_keys"][:2] == [gallery["key"][j] for j in parts[0][0]]
         assert det["fine_tuned_crop_variant"] == "fine-tuned/crop"
+        # a second run with other results (names swapped): its views are saved current, the older generated view
+        # (query-items) is refreshed
+        swapped = pq.assign(variant=pq["variant"].map({"fine-tuned/crop": "zero-shot/crop",
+                                                       "zero-shot/crop": "fine-tuned/crop"}))
+        views = variant_views.write_fiftyone(ds, swapped, table, k=10, worst=3)
+        fail_a = cfo.failure_view_name("fine-tuned/crop", 10)
+        assert views[fail_a] == 2 and set(ds.load_saved_view(fail_a).values("items.key")) == bad_keys
+        assert views[fail_b] == 0 and len(ds.load_saved_view(fail_b)) == 0
+        patch = ds.load_saved_view("query-items").match(F("items.key") == queries["key"][0]).first()
+        assert patch["items"]["fine_tuned_crop_hit_at_10"] is False
     finally:
         cfo.delete_dataset(name)
 

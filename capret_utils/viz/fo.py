@@ -40,7 +40,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -363,14 +363,17 @@ def save_standard_views(dataset: "fo.Dataset") -> list[str]:
     return list(SAVED_VIEWS)
 
 
-def refresh_saved_views(dataset: "fo.Dataset") -> list[str]:
+def refresh_saved_views(dataset: "fo.Dataset", skip: Collection[str] = ()) -> list[str]:
     """Regenerate the saved *generated* views (patches, e.g. ``query-items``) after labels changed; returns their names.
 
     FiftyOne keeps a saved patches view's patches in a backing dataset: without a refresh it keeps showing the
-    attribute values from when it was saved (checked on fiftyone 1.22.1). ``attach_results`` calls this.
+    attribute values from when it was saved (checked on fiftyone 1.22.1). ``attach_results`` calls this. ``skip``:
+    views saved after the last label change (already current; a refresh would build their patches again).
     """
     refreshed = []
     for name in dataset.list_saved_views():
+        if name in skip:
+            continue
         view = dataset.load_saved_view(name)
         if getattr(view, "_is_generated", False):
             view.reload()

@@ -33,13 +33,14 @@ def write_fiftyone(dataset: Any, per_query: pd.DataFrame, table: pd.DataFrame, k
 
     views: dict[str, int] = {}
     levels = dict(zip(table["name"], table["level"]))
-    for name, level in levels.items():
+    for name, level in levels.items():  # every label first: the views saved below are current when saved
         cfo.attach_results(dataset, fo_results(per_query, name), name, level=level, refresh=False)
+    for name, level in levels.items():
         views.update(cfo.save_failure_views(dataset, name, level=level, k=k, worst=worst))
     for a, b in compare:
         if a in levels and b in levels and levels[a] == levels[b]:
             views.update(cfo.save_comparison_view(dataset, a, b, level=levels[a], k=k))
-    cfo.refresh_saved_views(dataset)  # once: per variant it would cost variants x saved views
+    cfo.refresh_saved_views(dataset, skip=views)  # only the older generated views (query-items, earlier runs')
     return views
 
 
