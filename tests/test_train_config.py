@@ -143,11 +143,10 @@ def test_notebook_03_exposes_recipe_accumulation_and_checkpointing():
     assert "train.plan_memory(cfg)" in source and "train.check_fits(cfg, plan)" in source
 
 
-def test_crop_tta_is_a_demo_recipe_setting_that_never_changes_the_trajectory():
-    """Test-time augmentation is evaluation only: on for the demo recipe (chosen on select), off for x2vlm, free
-    to change on resume, validated, and carried into the bundle info that 04 and the evaluation read."""
-    assert train.TrainConfig().tta_contexts == (0.0,) and train.RECIPES["x2vlm"]["tta_contexts"] == ()
-    assert train.TrainConfig().trajectory_digest() == train.TrainConfig(tta_contexts=()).trajectory_digest()
+def test_crop_tta_is_an_evaluation_setting_that_never_changes_the_trajectory():
+    """Test-time augmentation is evaluation only: off in both recipes, free to change on resume, validated."""
+    assert train.TrainConfig().tta_contexts == () and train.RECIPES["x2vlm"]["tta_contexts"] == ()
+    assert train.TrainConfig().trajectory_digest() == train.TrainConfig(tta_contexts=(0.0,)).trajectory_digest()
     cfg = train.config_from_params({}, "{tta_contexts: [0.0, 0.1]}")
     assert cfg.tta_contexts == (0.0, 0.1)
     with pytest.raises(ValueError, match="tta_contexts"):
