@@ -254,6 +254,14 @@ def test_pixel_answerer_is_cached_and_answers_from_its_list(smoke_root, pixel_fo
     views = load_views(rows, "crop")
     answers = answerer.answer(views, ["What is the main colour of the garment?"] * 3)
     assert len(answers) == 3 and all(a in answerer.answer_list for a in answers)
+    # a pair answered before comes from the memo (no model call); new pairs in the same call are asked
+    calls = answerer.stats.calls
+    describe = "Describe this image in detail."
+    again = answerer.answer(views, ["What is the main colour of the garment?"] * 3)
+    assert again == answers and answerer.stats.calls == calls
+    mixed = answerer.answer(views[:2], ["What is the main colour of the garment?", describe])
+    fresh = PixelAnswerer(pixel_folder).answer(views[1:2], [describe])
+    assert mixed == [answers[0], fresh[0]] and answerer.stats.calls == calls + 1
 
 
 def test_pixel_answerer_bad_input_is_a_clear_error(smoke_root, pixel_folder):
