@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.capret-installed
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
+DEMO_BUDGET ?= full
 PYTEST_ARGS ?=
 
 # Runtime environment (see ../shared/docs/environment.md): no FiftyOne analytics, quiet MongoDB check,
@@ -22,10 +23,11 @@ ifneq ($(shell grep -m1 -o -w avx2 /proc/cpuinfo 2>/dev/null),)
 export OPENBLAS_CORETYPE := Haswell
 endif
 
-.PHONY: venv demo test test-fast lab chromium clean-venv help
+.PHONY: venv demo demo-quick test test-fast lab chromium clean-venv help
 
 help:
-	@echo "make demo   - set up .venv and run notebooks 01-04 on the synthetic benchmark into $(DEMO_DIR)/"
+	@echo "make demo   - set up .venv and run notebooks 01-04 on the synthetic benchmark into $(DEMO_DIR)/ (~21 min on 2 cores)"
+	@echo "make demo-quick - the same chain with a third of the training steps (~10 min; lower numbers)"
 	@echo "make test   - set up .venv and run the test suite (unit + notebook smoke + FiftyOne + browser)"
 	@echo "make lab    - JupyterLab on http://127.0.0.1:8888 with the project environment"
 
@@ -52,7 +54,10 @@ test-fast: venv
 	$(BIN)/python -m pytest -m "not slow and not notebook and not fiftyone and not browser" $(PYTEST_ARGS)
 
 demo: venv
-	$(BIN)/python -m capret_utils.runs.demo --out $(DEMO_DIR)
+	$(BIN)/python -m capret_utils.runs.demo --out $(DEMO_DIR) --budget $(DEMO_BUDGET)
+
+demo-quick: venv
+	$(BIN)/python -m capret_utils.runs.demo --out $(DEMO_DIR)-quick --budget quick
 
 lab: venv
 	$(BIN)/jupyter-lab --no-browser --allow-root --port 8888 --IdentityProvider.token='' \

@@ -99,7 +99,7 @@ def main() -> None:
                     help="questions per crop and step (0: all trained questions)")
     ap.add_argument("--lr", type=float, default=PixelVQAConfig.lr, help="AdamW peak learning rate")
     ap.add_argument("--init", default="", help="notebook-03 checkpoint folder to start from (default: random init)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (training and answering)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (training and answering); 0: torch's default")
     ap.add_argument("--max-items", type=int, default=0, help="score at most this many user items (0: all)")
     ap.add_argument("--cache", default="", help="answerer cache folder (default: a fresh temporary one)")
     ap.add_argument("--answers", type=int, default=3129, help="candidate answers for the GPU estimate (VQAv2: 3129)")
@@ -108,7 +108,8 @@ def main() -> None:
     ap.add_argument("--blank-check", action="store_true",
                     help="also score the answerer on uniform grey crops (does it use the image?)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     root = paths.data_root(args.data_root or None)
     cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="bench-vqa-"))
     config = PixelVQAConfig(steps=args.steps, threads=args.threads, batch_size=args.batch_size,

@@ -66,8 +66,8 @@ COMPOSED = {"describe": ("category", "colour", "pattern", "pattern_colour")}
 @dataclass
 class PixelVQAConfig:
     """How the pixel answerer is trained (defaults: the setting chosen on validation in docs/experiments.md; from
-    notebook 03's demo checkpoint about 4.5 CPU-minutes at 1 thread, ≈ 8.5 wall-minutes on the shared, loaded 2-core
-    machine)."""
+    notebook 03's demo checkpoint 400 steps at about 0.76 s each on 2 idle cores, 1.1 s at 1 thread; benchmarks/
+    bench_vqa.py)."""
 
     preset: str = "demo"  # X2-VLM architecture (capret_utils.x2vlm.PRESETS), random weights seeded by `seed`
     init: str = ""  # a notebook-03 checkpoint folder (model/, tokenizer/: trained on the train split) to start from
@@ -80,7 +80,7 @@ class PixelVQAConfig:
     lr: float = 1e-3  # AdamW peak learning rate, linear warm-up over the first 5 % of steps, then linear decay
     weight_decay: float = 0.01  # AdamW weight decay
     seed: int = 0  # weights, crop sampling and flips
-    threads: int = 1  # torch intra-op threads while training (CPU); 2 on a loaded 2-core machine: ~6x slower per step
+    threads: int = 0  # torch intra-op threads while training (CPU); 0 = torch's default (all cores)
     context: float = CROP_CONTEXT  # context around the item box, fraction of box width / height per side
     k_test: int = 128  # rank_answer: first-token shortlist for questions outside the per-topic lists (official)
     vocab_size: int = 512  # WordPiece vocabulary trained on the questions, answers and the fashion corpus
@@ -189,7 +189,7 @@ def train_pixel_vqa(train_items: pd.DataFrame, attributes: Mapping[str, Mapping[
     questions = trained_questions(dialogue_questions(), topics)
     triples = triples[triples["question"].isin(questions)].reset_index(drop=True)
     threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or threads)
     try:
         torch.manual_seed(cfg.seed)
         if cfg.init:

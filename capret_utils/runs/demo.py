@@ -35,6 +35,14 @@ from capret_utils.runs import shutdown, sweep
 VARIANTS_FILE = "variants.csv"
 PIXEL_VQA = "x2vlm-demo"  # the demo's query-side answerer (captions.pixel), trained on the train split
 PIXEL_VQA_STEPS = 400  # its training steps from 03's checkpoint (docs/experiments.md, "The pixel answerer")
+BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
+    "full": {},
+    "quick": {"03_finetune": {"epochs": 10}, "02_captions": {"vqa_steps": 100}},
+}
+"""Training budgets of the chain, as parameters added to a step: ``full`` = the documented configuration (notebook
+defaults: 30 epochs = 960 steps, a 400-step pixel answerer; ``make demo``, ``runs.seeds`` and the README's results
+table); ``quick`` = ``make demo-quick``, about 10 minutes on 2 CPU cores: a third of the fine-tuning steps and a
+quarter of the answerer's, so lower numbers (docs/experiments.md, "make demo over time")."""
 
 
 @dataclass(frozen=True)
@@ -67,8 +75,11 @@ STEPS: tuple[Step, ...] = (
 
 def run_pipeline(out: str | Path, smoke: bool = False, data_root: str = "", seed: int = 0,
                  resume: bool = False, steps: tuple[Step, ...] = STEPS, log: Callable[[str], None] = print,
-                 ) -> dict[str, dict[str, Any]]:
-    """Run the chain into ``out/<notebook name>/``; stop at the first failed step. Returns each step's status."""
+                 budget: str = "full") -> dict[str, dict[str, Any]]:
+    """Run the chain into ``out/<notebook name>/``; stop at the first failed step. Returns each step's status.
+    ``budget``: a key of :data:`BUDGETS` (smoke mode ignores it: its own few steps)."""
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {sorted(BUDGETS)}, got {budget!r}")
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
@@ -78,7 +89,8 @@ def run_pipeline(out: str | Path, smoke: bool = False, data_root: str = "", seed
             log(f"[demo] {step.name}: finished earlier, skipped ({run_dir})")
             results[step.name] = sweep.read_status(run_dir) or {}
             continue
-        params = {"data_root": data_root, "seed": seed, "smoke": smoke, **step.params(out)}
+        params = {"data_root": data_root, "seed": seed, "smoke": smoke, **step.params(out),
+                  **({} if smoke else BUDGETS[budget].get(step.name, {}))}
         if step.name == "03_finetune":  # a plain run trains from scratch; --resume continues a killed training
             params["resume"] = resume
         log(f"[demo] {step.name}: running into {run_dir} …")
@@ -128,10 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default="", help="DeepFashion2-format data root (default: synthetic)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="skip steps that already finished")
+    parser.add_argument("--budget", default="full", choices=sorted(BUDGETS),
+                        help="training budget: full (the documented configuration) | quick (make demo-quick, ~10 min)")
     args = parser.parse_args(argv)
     started = time.time()
+    if args.budget != "full" and not args.smoke:
+        print(f"[demo] budget {args.budget!r}: {BUDGETS[args.budget]} (the README's results use budget 'full')")
     results = run_pipeline(args.out, smoke=args.smoke, data_root=args.data_root, seed=args.seed,
-                           resume=args.resume)
+                           resume=args.resume, budget=args.budget)
     print(report(args.out))
     ok = all(r.get("status") == "ok" for r in results.values()) and len(results) == len(STEPS)
     print(f"\n[demo] {'done' if ok else 'FAILED'} in {time.time() - started:.0f} s")
