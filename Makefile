@@ -27,7 +27,7 @@ endif
 
 help:
 	@echo "make demo   - set up .venv and run notebooks 01-04 on the synthetic benchmark into $(DEMO_DIR)/ (~21 min on 2 cores)"
-	@echo "make demo-quick - the same chain with a third of the training steps (~10 min; lower numbers)"
+	@echo "make demo-quick - the same chain with a third of the training steps (~11 min; lower numbers)"
 	@echo "make test   - set up .venv and run the test suite (unit + notebook smoke + FiftyOne + browser)"
 	@echo "make lab    - JupyterLab on http://127.0.0.1:8888 with the project environment"
 

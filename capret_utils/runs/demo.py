@@ -41,7 +41,7 @@ BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 """Training budgets of the chain, as parameters added to a step: ``full`` = the documented configuration (notebook
 defaults: 30 epochs = 960 steps, a 400-step pixel answerer; ``make demo``, ``runs.seeds`` and the README's results
-table); ``quick`` = ``make demo-quick``, about 10 minutes on 2 CPU cores: a third of the fine-tuning steps and a
+table); ``quick`` = ``make demo-quick``, about 11 minutes on 2 CPU cores: a third of the fine-tuning steps and a
 quarter of the answerer's, so lower numbers (docs/experiments.md, "make demo over time")."""
 
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="skip steps that already finished")
     parser.add_argument("--budget", default="full", choices=sorted(BUDGETS),
-                        help="training budget: full (the documented configuration) | quick (make demo-quick, ~10 min)")
+                        help="training budget: full (the documented configuration) | quick (make demo-quick, ~11 min)")
     args = parser.parse_args(argv)
     started = time.time()
     if args.budget != "full" and not args.smoke:
