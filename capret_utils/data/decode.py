@@ -197,17 +197,20 @@ class ImageStore:
         hit = self._get(key)
         if hit is not None:
             return hit
-        width, height = int(row.get("width") or 0), int(row.get("height") or 0)
-        request = None
-        if self.draft and width > 0 and height > 0:
-            left, top, right, bottom = crop_box(row, context, width, height)
-            request = _request(width, height, max(right - left, bottom - top), self.side)
-        decoded = self._decode(row, request)
+        decoded = self._decode(row, self._crop_request(row, context))
         if decoded is None:
             return None
         out = self._cut(decoded, row, context)
         self._put(key, out, out)
         return out
+
+    def _crop_request(self, row: Mapping[str, Any], context: float) -> tuple[int, int] | None:
+        """The reduced-decode request for the crop of ``row``'s box + ``context`` (None: decode in full)."""
+        width, height = int(row.get("width") or 0), int(row.get("height") or 0)
+        if not (self.draft and width > 0 and height > 0):
+            return None
+        left, top, right, bottom = crop_box(row, context, width, height)
+        return _request(width, height, max(right - left, bottom - top), self.side)
 
     def _cut(self, decoded: tuple[Image.Image, tuple[int, int]], row: Mapping[str, Any], context: float
              ) -> Image.Image:
@@ -229,12 +232,7 @@ class ImageStore:
         if len(contexts) == 1:
             one = self.crop(row, contexts[0])
             return None if one is None else [one]
-        width, height = int(row.get("width") or 0), int(row.get("height") or 0)
-        request = None
-        if self.draft and width > 0 and height > 0:
-            left, top, right, bottom = crop_box(row, contexts[0], width, height)
-            request = _request(width, height, max(right - left, bottom - top), self.side)
-        decoded = self._decode(row, request)
+        decoded = self._decode(row, self._crop_request(row, contexts[0]))
         if decoded is None:
             return None
         return [self._cut(decoded, row, c) for c in contexts]
