@@ -129,7 +129,7 @@ def main() -> None:
     prior = answer_accuracy(PriorAnswerer(train_triples), items, attributes).accuracy()
     blank = answer_accuracy(BlankImages(answerer), items, attributes).accuracy() if args.blank_check else None
     out = {
-        "data_root": str(root), "split": args.split, "threads": args.threads, "answerer": str(folder),
+        "data_root": str(root), "split": args.split, "threads": torch.get_num_threads(), "answerer": str(folder),
         "training": {k: v for k, v in answerer.record.items() if k not in ("questions",)},
         "training_seconds_wall": wall, "training_cpu_seconds": cpu,
         "load_average_1min": os.getloadavg()[0],
