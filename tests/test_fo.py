@@ -260,6 +260,48 @@ def test_attach_item_and_image_results(dataset, items):
 
 
 @pytest.mark.fiftyone
+def test_item_table_equals_per_attribute_writes_and_declares_once(dataset, items):
+    """set_item_table (one bulk write, one schema merge) stores what FiftyOne's set_label_values (the per-attribute
+    reference, declaring as it goes) stores, with the same declared types; deferred declaration finds them all."""
+    from fiftyone import ViewField as F
+
+    keys = items[(items.source == "user") & (items["style"] > 0)]["key"].tolist()
+    table = pd.DataFrame({
+        "key": keys,
+        "keys": [[f"k{i}", f"k{i + 1}"] for i in range(len(keys))],
+        "scores": [np.asarray([0.5, np.float32(0.25)]) for _ in keys],
+        "rank": [np.int64(i + 1) if i % 3 else None for i in range(len(keys))],
+        "hit": [bool(i % 2) for i in range(len(keys))],
+        "ap": [float("nan")] + [0.1 * i for i in range(1, len(keys))],
+    })
+    ref = table.rename(columns={c: f"ref_{c}" for c in table.columns if c != "key"})
+    rows = cfo.item_index(dataset).loc[ref["key"]]
+    for column in ref.columns[1:]:
+        updates = [{"sample_id": s, "label_id": lab, "value": cfo._python(v)}
+                   for s, lab, v in zip(rows["sample_id"], rows["label_id"], ref[column])]
+        dataset.set_label_values(f"items.detections.{column}", updates, dynamic=True)
+    fast = table.rename(columns={c: f"fast_{c}" for c in table.columns if c != "key"})
+    assert cfo.set_item_table(dataset, fast) == list(fast.columns[1:])
+    schema = dataset.get_field_schema(flat=True)
+    for c in table.columns[1:]:
+        got_ref = dataset.values(f"items.detections.ref_{c}")
+        assert dataset.values(f"items.detections.fast_{c}") == got_ref, c
+        ref_type, fast_type = schema[f"items.detections.ref_{c}"], schema[f"items.detections.fast_{c}"]
+        assert type(fast_type) is type(ref_type), c
+        assert type(getattr(fast_type, "field", None)) is type(getattr(ref_type, "field", None)), c
+    assert len(dataset.filter_labels("items", F("fast_hit") == True)) > 0  # noqa: E712  (declared: filterable)
+    # deferred: written undeclared, then one scan declares them
+    late = table.rename(columns={c: f"late_{c}" for c in table.columns if c != "key"})
+    cfo.set_item_table(dataset, late, declare=False)
+    assert "items.detections.late_ap" not in dataset.get_field_schema(flat=True)
+    assert set(cfo.declare_item_fields(dataset)) >= {f"late_{c}" for c in table.columns[1:]}
+    assert type(dataset.get_field_schema(flat=True)["items.detections.late_ap"]) is type(schema["items.detections.ref_ap"])
+    assert cfo.declare_item_fields(dataset) == []  # nothing left to declare
+    with pytest.raises(KeyError, match="not in dataset"):
+        cfo.set_item_table(dataset, pd.DataFrame({"key": ["validation/000001/item9"], "x": [1]}))
+
+
+@pytest.mark.fiftyone
 def test_launch_refuses_remote_in_a_notebook(dataset, monkeypatch):
     from capret_utils.viz import fo_session
 
