@@ -1,6 +1,7 @@
 """The whole pipeline in one command: notebooks 01 → 04 through papermill, each into its own run folder.
 
-``make demo`` calls ``python -m capret_utils.runs.demo --out runs/demo``: it runs every notebook in ``notebooks/`` in
+``make demo`` calls ``python -m capret_utils.runs.demo --out runs/demo-quick --budget quick`` (``make demo-full``:
+``--out runs/demo``, the documented budget): it runs every notebook in ``notebooks/`` in
 order on the embedded default (the synthetic benchmark, generated on first use), chaining outputs, then prints where the outputs and metrics are
 and the variant table of the retrieval run. ``--smoke`` runs the same chain in smoke mode (tiny data, tiny
 models, a few steps) — this is what the notebook test in CI runs. ``--resume`` skips steps that already
@@ -40,9 +41,9 @@ BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {"03_finetune": {"epochs": 10}, "02_captions": {"vqa_steps": 100}},
 }
 """Training budgets of the chain, as parameters added to a step: ``full`` = the documented configuration (notebook
-defaults: 30 epochs = 960 steps, a 400-step pixel answerer; ``make demo``, ``runs.seeds`` and the README's results
-table); ``quick`` = ``make demo-quick``, about 11 minutes on 2 CPU cores: a third of the fine-tuning steps and a
-quarter of the answerer's, so lower numbers (docs/experiments.md, "make demo over time")."""
+defaults: 30 epochs = 960 steps, a 400-step pixel answerer; ``make demo-full``, ``runs.seeds`` and the README's
+results table); ``quick`` = ``make demo``, about 8 minutes on 2 CPU cores: a third of the fine-tuning steps and a
+quarter of the answerer's, so lower numbers, same conclusions (docs/experiments.md, "make demo wall time")."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="skip steps that already finished")
     parser.add_argument("--budget", default="full", choices=sorted(BUDGETS),
-                        help="training budget: full (the documented configuration) | quick (make demo-quick, ~11 min)")
+                        help="training budget: full (the documented configuration, make demo-full) | quick (make demo, ~8 min)")
     args = parser.parse_args(argv)
     started = time.time()
     if args.budget != "full" and not args.smoke:
