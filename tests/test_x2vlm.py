@@ -586,6 +586,31 @@ def test_conv_stem_validation_and_no_official_export():
             to_official_state_dict(X2VLMModel(cfg), cfg)
 
 
+def test_absolute_positions_start_at_zero_and_round_trip(tmp_path):
+    """vision_abs_pos adds zero-initialised position embeddings: a fresh model with them computes what the same
+    weights compute without them; they train, save, reload, and have no official export."""
+    cfg_off, cfg_on = _conv_stem_config(), _conv_stem_config(vision_abs_pos=True)
+    torch.manual_seed(0)
+    off = X2VLMModel(cfg_off).eval()
+    on = X2VLMModel(cfg_on).eval()
+    missing, unexpected = on.load_state_dict(off.state_dict(), strict=False)
+    assert missing == ["vision_encoder.embeddings.position_embeddings"] and unexpected == []
+    pos = on.vision_encoder.embeddings.position_embeddings
+    assert pos.shape == (1, cfg_on.num_image_tokens, cfg_on.vision_width) and not pos.any() and pos.requires_grad
+    pixels = torch.randn(2, 3, 32, 32)
+    assert torch.equal(on.get_image_embeds(pixels)[0], off.get_image_embeds(pixels)[0])
+    with torch.no_grad():
+        pos.normal_()
+    moved = on.get_image_embeds(pixels)[0]
+    assert not torch.allclose(moved, off.get_image_embeds(pixels)[0])
+    on.save_pretrained(tmp_path / "m")
+    again = X2VLMModel.from_pretrained(tmp_path / "m").eval()
+    assert again.config.vision_abs_pos and torch.equal(again.get_image_embeds(pixels)[0], moved)
+    patch = _conv_stem_config(vision_stem="patch", vision_abs_pos=True)
+    with pytest.raises(ValueError, match="vision_abs_pos"):
+        to_official_state_dict(X2VLMModel(patch), patch)
+
+
 def test_from_pretrained_is_strict(tmp_path, tiny_model):
     from safetensors.torch import load_file, save_file
 

@@ -80,6 +80,9 @@ class X2VLMConfig(PreTrainedConfig):
     # "cnn": a hybrid ViT (Dosovitskiy et al. 2021, section 3.1): a small CNN (3x3 conv + BatchNorm + ReLU +
     # 2x2 max-pool blocks) whose last feature map is the same token grid; learns fastest from random weights
     vision_stem: str = "patch"
+    # learned absolute position embeddings added to the tokens after the stem (zero-initialised, so a fresh model
+    # computes what it would without them); the official BEiT-v2 tower has only relative position bias (False)
+    vision_abs_pos: bool = False
     # text-only BERT layers and fusion layers (self-attention -> cross-attention to image tokens -> FFN)
     text_width: int = 768
     text_heads: int = 12
@@ -163,13 +166,14 @@ class X2VLMConfig(PreTrainedConfig):
 
     # ------------------------------------------------------------------ HF sub-configs
     def beit_config(self) -> BeitConfig:
-        """The ``BeitConfig`` of the vision tower (no absolute positions, own rel-pos table in every block)."""
+        """The ``BeitConfig`` of the vision tower (own rel-pos table in every block; absolute positions only with
+        ``vision_abs_pos``)."""
         return BeitConfig(
             image_size=self.image_res, patch_size=self.patch_size, num_channels=self.num_channels,
             hidden_size=self.vision_width, num_hidden_layers=self.vision_layers,
             num_attention_heads=self.vision_heads, intermediate_size=self.vision_mlp, hidden_act="gelu",
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, layer_norm_eps=self.vision_layer_norm_eps,
-            use_absolute_position_embeddings=False, use_relative_position_bias=True,
+            use_absolute_position_embeddings=self.vision_abs_pos, use_relative_position_bias=True,
             use_shared_relative_position_bias=False, layer_scale_init_value=self.layer_scale_init_value,
             drop_path_rate=self.vision_drop_path_rate, use_mean_pooling=True, use_mask_token=False,
             initializer_range=self.initializer_range, attn_implementation=self._attn_implementation,
