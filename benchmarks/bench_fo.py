@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         fields = []
         for v in range(args.variants):  # like variant_views.write_fiftyone: declared and refreshed once at the end
             name = "bench" if v == 0 else f"bench{v}"
-            fields += cfo.attach_results(dataset, results, variant=name, refresh=False, declare=False)
+            fields += cfo.attach_results(dataset, results, variant=name, refresh=False, declare=False, index=index)
         declared = cfo.declare_item_fields(dataset)
         cfo.refresh_saved_views(dataset)
         assert len(declared) == len(fields), (len(declared), len(fields))

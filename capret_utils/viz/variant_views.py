@@ -33,8 +33,10 @@ def write_fiftyone(dataset: Any, per_query: pd.DataFrame, table: pd.DataFrame, k
 
     views: dict[str, int] = {}
     levels = dict(zip(table["name"], table["level"]))
+    index = cfo.item_index(dataset)  # once: writing results adds attributes, not detections
     for name, level in levels.items():  # every label first: the views saved below are current when saved
-        cfo.attach_results(dataset, fo_results(per_query, name), name, level=level, refresh=False, declare=False)
+        cfo.attach_results(dataset, fo_results(per_query, name), name, level=level, refresh=False, declare=False,
+                           index=index)
     cfo.declare_item_fields(dataset)  # one schema change for every variant's attributes
     for name, level in levels.items():
         views.update(cfo.save_failure_views(dataset, name, level=level, k=k, worst=worst))
