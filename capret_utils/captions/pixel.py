@@ -413,14 +413,11 @@ class PixelAnswerer:
         ids = [(v.key, q, getattr(v.image, "size", (0, 0))) if isinstance(q, str) else None
                for v, q in zip(views, questions)]
         todo = [i for i, k in enumerate(ids) if k is None or k not in self.memo]
-        fresh = self._answer([views[i] for i in todo], [questions[i] for i in todo]) if todo else []
-        for i, a in zip(todo, fresh):
+        fresh = dict(zip(todo, self._answer([views[i] for i in todo], [questions[i] for i in todo]) if todo else []))
+        for i, a in fresh.items():
             if ids[i] is not None and len(self.memo) < self.MEMO_LIMIT:
                 self.memo[ids[i]] = a
-        out = [self.memo.get(k, "") if k is not None else "" for k in ids]
-        for i, a in zip(todo, fresh):
-            out[i] = a
-        return out
+        return [fresh[i] if i in fresh else self.memo[k] for i, k in enumerate(ids)]
 
     def _answer(self, views: Sequence[ItemView], questions: Sequence[str]) -> list[str]:
         # (pair index, part topic or None, question) of every model question: the asked ones, and for a composed
