@@ -611,6 +611,42 @@ def test_absolute_positions_start_at_zero_and_round_trip(tmp_path):
         to_official_state_dict(X2VLMModel(patch), patch)
 
 
+def test_stripe_pooling_starts_as_the_plain_mean_and_reads_bands_of_rows(tmp_path):
+    """vision_stripes adds a zero-initialised map of the row bands' mean tokens to image token 0: a fresh model
+    pools as without it; trained, token 0 = mean + W [band means, top to bottom] (checked by hand); it saves,
+    reloads, must divide the grid and has no official export."""
+    cfg_off, cfg_on = _conv_stem_config(), _conv_stem_config(vision_stripes=2)
+    torch.manual_seed(0)
+    off = X2VLMModel(cfg_off).eval()
+    on = X2VLMModel(cfg_on).eval()
+    missing, unexpected = on.load_state_dict(off.state_dict(), strict=False)
+    assert sorted(missing) == ["stripe_pool.bias", "stripe_pool.weight"] and unexpected == []
+    assert not on.stripe_pool.weight.any() and not on.stripe_pool.bias.any()
+    pixels = torch.randn(2, 3, 32, 32)
+    assert torch.equal(on.get_image_embeds(pixels)[0], off.get_image_embeds(pixels)[0])
+    with torch.no_grad():
+        on.stripe_pool.weight.normal_()
+        on.stripe_pool.bias.normal_()
+    embeds, feat = on.get_image_embeds(pixels)
+    g, d = cfg_on.grid_size, cfg_on.vision_width
+    patches = embeds[:, 1:].reshape(2, g, g, d)  # rows of the token grid, top first
+    top, bottom = patches[:, : g // 2].mean(dim=(1, 2)), patches[:, g // 2:].mean(dim=(1, 2))
+    expected = patches.mean(dim=(1, 2)) + torch.cat([top, bottom], dim=1) @ on.stripe_pool.weight.t() \
+        + on.stripe_pool.bias
+    assert torch.allclose(embeds[:, 0], expected, atol=1e-5)
+    assert torch.allclose(feat, torch.nn.functional.normalize(on.vision_proj(expected), dim=-1), atol=1e-5)
+    flipped = on.get_image_embeds(pixels.flip(-2))[0][:, 0]  # upside down: the bands swap, token 0 moves
+    assert not torch.allclose(flipped, embeds[:, 0], atol=1e-3)
+    on.save_pretrained(tmp_path / "m")
+    again = X2VLMModel.from_pretrained(tmp_path / "m").eval()
+    assert again.config.vision_stripes == 2 and torch.equal(again.get_image_embeds(pixels)[0], embeds)
+    with pytest.raises(ValueError, match="vision_stripes 3 must be 0 or divide"):
+        _conv_stem_config(vision_stripes=3)
+    patch = _conv_stem_config(vision_stem="patch", vision_stripes=2)
+    with pytest.raises(ValueError, match="vision_stripes"):
+        to_official_state_dict(X2VLMModel(patch), patch)
+
+
 def test_from_pretrained_is_strict(tmp_path, tiny_model):
     from safetensors.torch import load_file, save_file
 

@@ -230,3 +230,15 @@ def test_estimate_counts_every_pass_of_a_step():
     assert "crops 16" in est.summary() and "itm_pairs 48" in est.summary()
     with pytest.raises(ValueError, match="attention"):
         estimate_training_memory(cfg, 1, attention="flash")
+
+
+def test_new_zero_initialised_parts_are_trained_fully_under_lora():
+    """vision_stripes' pooling map and vision_abs_pos' position embeddings start at zero: LoRA must train them
+    fully, or they would stay zero and the options would silently do nothing."""
+    model = apply_lora(X2VLMModel(X2VLMConfig(**SMALL, vision_stripes=2, vision_abs_pos=True)), LoraSettings(r=4))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("stripe_pool" in n and n.endswith("weight") for n in trainable)
+    assert any(n.endswith("embeddings.position_embeddings") for n in trainable)
+    plain = apply_lora(X2VLMModel(X2VLMConfig(**SMALL)), LoraSettings(r=4))  # off: nothing named, nothing added
+    names = [n for n, _ in plain.named_parameters()]
+    assert not any("stripe_pool" in n or "position_embeddings" in n and "vision" in n for n in names)

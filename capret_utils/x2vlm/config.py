@@ -83,6 +83,11 @@ class X2VLMConfig(PreTrainedConfig):
     # learned absolute position embeddings added to the tokens after the stem (zero-initialised, so a fresh model
     # computes what it would without them); the official BEiT-v2 tower has only relative position bias (False)
     vision_abs_pos: bool = False
+    # horizontal stripes (PCB part pooling, Sun et al. 2018): the mean token of each of this many bands of
+    # grid rows, through a zero-initialised Linear(stripes x vision_width -> vision_width), is added to the
+    # pooled image token, so the image feature can tell where along the height something is (a logo high or
+    # low); 0 = off, as in every official checkpoint; must divide the grid (image_res / patch_size)
+    vision_stripes: int = 0
     # text-only BERT layers and fusion layers (self-attention -> cross-attention to image tokens -> FFN)
     text_width: int = 768
     text_heads: int = 12
@@ -128,6 +133,8 @@ class X2VLMConfig(PreTrainedConfig):
             (self.vision_stem in VISION_STEMS, f"vision_stem must be one of {VISION_STEMS}, got {self.vision_stem!r}"),
             (self.vision_stem == "patch" or (self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0),
              f"vision_stem {self.vision_stem!r} needs a power-of-two patch_size >= 2, got {self.patch_size}"),
+            (self.vision_stripes >= 0 and (self.vision_stripes == 0 or self.grid_size % self.vision_stripes == 0),
+             f"vision_stripes {self.vision_stripes} must be 0 or divide the {self.grid_size}-row token grid"),
         ]
         for ok, message in checks:
             if not ok:

@@ -541,6 +541,9 @@ def to_official_state_dict(model_or_state_dict: Any, config: X2VLMConfig, naming
     if config.vision_abs_pos:
         raise ValueError("vision_abs_pos=True has no official X2-VLM counterpart (the official vision tower has "
                          "only relative position bias)")
+    if config.vision_stripes:
+        raise ValueError("vision_stripes > 0 has no official X2-VLM counterpart (the official image token 0 is the "
+                         "plain mean of the patch tokens)")
     sd = model_or_state_dict.state_dict() if hasattr(model_or_state_dict, "state_dict") else model_or_state_dict
     if naming == "retrieval" and (config.has_mlm_head or config.has_bbox_head):
         raise ValueError("the official retrieval class has no MLM or box head; build the config with "

@@ -7,8 +7,9 @@ Default targets (module names in :class:`~capret_utils.x2vlm.modeling.X2VLMModel
 * ``"fusion"``: ``fusion.{j}.attention.self.query`` / ``.value`` and ``fusion.{j}.crossattention.self.query`` /
   ``.value`` (the official text layers 12-17).
 
-The heads named in ``trainable_heads`` (projections, ITM, box) are trained fully through peft's
-``modules_to_save``; ``temp`` stays trainable when ``train_temp``. Everything else is frozen.
+The heads named in ``trainable_heads`` (projections, ITM, box, stripe pooling) are trained fully through peft's
+``modules_to_save``; ``temp`` stays trainable when ``train_temp``, and so do the absolute position embeddings of
+``vision_abs_pos``. Everything else is frozen.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class LoraSettings:
     dropout: float = 0.05  # dropout on the LoRA branch input
     targets: tuple[str, ...] = ("vision", "text", "fusion")  # groups of LORA_TARGETS
     target_regex: str | None = None  # full-match regex over module names; overrides ``targets``
-    trainable_heads: tuple[str, ...] = ("vision_proj", "text_proj", "itm_head", "bbox_head")  # trained fully
+    trainable_heads: tuple[str, ...] = ("vision_proj", "text_proj", "itm_head", "bbox_head", "stripe_pool")  # fully
     train_temp: bool = True  # keep the ITC temperature trainable
 
 
@@ -66,6 +67,9 @@ def apply_lora(model: nn.Module, settings: LoraSettings | None = None) -> Any:
     peft_model = get_peft_model(model, config)
     base = peft_model.get_base_model()
     base.temp.requires_grad_(settings.train_temp)
+    positions = getattr(base.vision_encoder.embeddings, "position_embeddings", None)
+    if isinstance(positions, nn.Parameter):  # vision_abs_pos: new and zero-initialised, so trained fully
+        positions.requires_grad_(True)
     return peft_model
 
 

@@ -127,6 +127,8 @@ class X2VLMModel(PreTrainedModel):
             # vision width (`encoder_width`), so rebuild them as Linear(vision width -> text width)
             cross.key = nn.Linear(config.vision_width, cross.all_head_size)
             cross.value = nn.Linear(config.vision_width, cross.all_head_size)
+        self.stripe_pool = (nn.Linear(config.vision_stripes * config.vision_width, config.vision_width)
+                            if config.vision_stripes else None)
         self.vision_proj = nn.Linear(config.vision_width, config.embed_dim)
         self.text_proj = nn.Linear(config.text_width, config.embed_dim)
         self.temp = nn.Parameter(torch.tensor(float(config.temp)))
@@ -144,6 +146,9 @@ class X2VLMModel(PreTrainedModel):
         super()._init_weights(module)
         if module is self:
             init.constant_(self.temp, float(self.config.temp))
+        elif module is self.stripe_pool:  # zero: a fresh model pools exactly as without stripes
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
         elif self.mlm_head is not None and module is self.mlm_head.predictions:
             init.zeros_(module.bias)
 
@@ -215,7 +220,12 @@ class X2VLMModel(PreTrainedModel):
         self._check_pixels(pixel_values)
         hidden = self.vision_encoder(pixel_values=pixel_values).last_hidden_state
         patches = self.vision_encoder.pooler.layernorm(hidden[:, 1:])  # fc_norm on every patch token
-        image_embeds = torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1)
+        pooled = patches.mean(dim=1, keepdim=True)
+        if self.stripe_pool is not None:  # config.vision_stripes bands of rows, top to bottom
+            b, _, d = patches.shape
+            stripes = patches.reshape(b, self.config.vision_stripes, -1, d).mean(dim=2)
+            pooled = pooled + self.stripe_pool(stripes.reshape(b, 1, -1))
+        image_embeds = torch.cat([pooled, patches], dim=1)
         return image_embeds, self.get_image_feat(image_embeds)
 
     def get_image_feat(self, image_embeds: torch.Tensor) -> torch.Tensor:
