@@ -220,6 +220,28 @@ def test_store_roundtrip_and_duplicates(tmp_path):
         C.load_captions(tmp_path / "missing.jsonl")
 
 
+def test_load_dialogue_captions_reads_the_store_once(tmp_path, monkeypatch):
+    """(captions, source) from one read, equal to load_captions + dialogue_source; empty path: (None, oracle)."""
+    from capret_utils.captions import store as S
+
+    assert C.load_dialogue_captions("") == (None, "oracle") and C.load_dialogue_captions("  ") == (None, "oracle")
+    for answerer, source in (("attributes", "oracle"), ("x2vlm-vqa:x2vlm-demo", "pixel")):
+        folder = tmp_path / answerer.replace(":", "_")
+        folder.mkdir()
+        with C.CaptionStore(folder / "captions.jsonl") as store:
+            store.append_batch([_rec("t", "a template"),
+                                {"key": "d", "caption": "a dialogue", "method": "dialogue", "answerer": answerer}])
+        reads = []
+        real = S.merged_records
+        monkeypatch.setattr(S, "merged_records", lambda *a, **k: reads.append(a) or real(*a, **k))
+        captions, got = C.load_dialogue_captions(str(folder))
+        assert len(reads) == 1 and got == source == C.dialogue_source(str(folder))
+        assert captions == {"t": "a template", "d": "a dialogue"} == C.load_captions(folder)
+        monkeypatch.setattr(S, "merged_records", real)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        C.load_dialogue_captions(str(tmp_path / "missing.jsonl"))
+
+
 def test_store_torn_last_line_is_reported_and_repaired(tmp_path):
     path = tmp_path / "captions.jsonl"
     with C.CaptionStore(path) as store:

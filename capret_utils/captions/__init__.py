@@ -101,7 +101,7 @@ from capret_utils.captions.store import (  # noqa: F401
     StoreReport,
     dialogue_source,
     load_captions,
-    load_captions_optional,
+    load_dialogue_captions,
     merged_records,
     read_captions,
     shard_path,

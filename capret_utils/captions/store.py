@@ -298,26 +298,36 @@ def load_captions(path: str | os.PathLike, method: str | None = None) -> dict[st
     keeps only records of that method (``"template"`` / ``"dialogue"``). A missing store (no file, no shard)
     raises ``FileNotFoundError`` naming it.
     """
-    store = CaptionStore(path)
-    if not store_shards(store.path):
-        raise FileNotFoundError(f"caption store {store.path} does not exist (run notebooks/02_captions.ipynb)")
-    out: dict[str, str] = {}
-    for r in merged_records(store.path):
-        if method is None or r["method"] == method:
-            out[r["key"]] = r["caption"]
-    return out
+    return _captions_of(_existing_records(path), method)
 
 
 def dialogue_source(path: str) -> str:
     """``"oracle"`` when any record of notebook 02's ``captions.jsonl`` at ``path`` was answered from the ground
     truth (the attribute answerer), else ``"pixel"`` (a VQA model that saw only the photo answered)."""
     store = CaptionStore(Path(path) / "captions.jsonl" if Path(path).is_dir() else Path(path))
-    answerers = {str(r.get("answerer", "")) for r in merged_records(store.path) if r.get("method") == "dialogue"}
-    return "oracle" if not answerers or "attributes" in answerers else "pixel"
+    return _source_of(merged_records(store.path))
 
 
-def load_captions_optional(path: str) -> dict[str, str] | None:
-    """Dialogue captions from notebook 02's ``captions.jsonl``, or None when ``path`` is empty."""
+def load_dialogue_captions(path: str) -> tuple[dict[str, str] | None, str]:
+    """``(load_captions(path), dialogue_source(path))`` from one read of the store; ``(None, "oracle")`` when
+    ``path`` is empty (no dialogue captions)."""
     if not str(path).strip():
-        return None
-    return load_captions(path)
+        return None, "oracle"
+    records = _existing_records(path)
+    return _captions_of(records, None), _source_of(records)
+
+
+def _existing_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    store = CaptionStore(path)
+    if not store_shards(store.path):
+        raise FileNotFoundError(f"caption store {store.path} does not exist (run notebooks/02_captions.ipynb)")
+    return merged_records(store.path)
+
+
+def _captions_of(records: list[dict[str, Any]], method: str | None) -> dict[str, str]:
+    return {r["key"]: r["caption"] for r in records if method is None or r["method"] == method}
+
+
+def _source_of(records: list[dict[str, Any]]) -> str:
+    answerers = {str(r.get("answerer", "")) for r in records if r.get("method") == "dialogue"}
+    return "oracle" if not answerers or "attributes" in answerers else "pixel"

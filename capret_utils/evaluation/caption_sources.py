@@ -32,12 +32,11 @@ def add_oracle_dialogue(data: RetrievalData, path: str, chosen: Sequence[Variant
     The file must be ground-truth answered (its dialogue source ``oracle``) and caption every query and gallery
     item; otherwise ``ValueError`` / ``KeyError`` naming the file.
     """
-    from capret_utils.captions import dialogue_source, load_captions
+    from capret_utils.captions import load_dialogue_captions
 
     if not str(path).strip():
         return []
-    captions = load_captions(path)
-    source = dialogue_source(path)
+    captions, source = load_dialogue_captions(path)
     if source != "oracle":
         raise ValueError(f"oracle_captions_path={path!r}: its dialogues were answered by a model (source {source!r}); "
                          f"pass notebook 02's captions.jsonl of the ground-truth answerer (vqa='')")
