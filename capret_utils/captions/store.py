@@ -304,8 +304,7 @@ def load_captions(path: str | os.PathLike, method: str | None = None) -> dict[st
 def dialogue_source(path: str) -> str:
     """``"oracle"`` when any record of notebook 02's ``captions.jsonl`` at ``path`` was answered from the ground
     truth (the attribute answerer), else ``"pixel"`` (a VQA model that saw only the photo answered)."""
-    store = CaptionStore(Path(path) / "captions.jsonl" if Path(path).is_dir() else Path(path))
-    return _source_of(merged_records(store.path))
+    return _source_of(merged_records(CaptionStore(path).path))
 
 
 def load_dialogue_captions(path: str) -> tuple[dict[str, str] | None, str]:

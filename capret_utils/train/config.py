@@ -15,9 +15,9 @@ from capret_utils.data.boxes import CROP_CONTEXT
 from capret_utils.evaluation.metrics import DEFAULT_KS
 from capret_utils.train import losses as L
 from capret_utils.x2vlm.config import RANDOM_INIT_PRESETS as _X2VLM_RANDOM_INIT_PRESETS
+from capret_utils.x2vlm.lora import HEAD_NAMES  # noqa: F401  (re-exported: train.HEAD_NAMES)
 
 RANDOM_INIT_PRESETS = _X2VLM_RANDOM_INIT_PRESETS  # re-exported: train.RANDOM_INIT_PRESETS
-HEAD_NAMES = ("vision_proj", "text_proj", "itm_head", "bbox_head", "stripe_pool")  # new modules: trained fully
 STATE_DIR = "train_state"
 CHECKPOINT_DIR = "checkpoint"
 INFO_FILE = "finetune_info.json"

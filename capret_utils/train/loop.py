@@ -390,10 +390,9 @@ def _trainable(setup: TrainSetup) -> tuple[torch.nn.Module, X2VLMModel, Any]:
     """(module the optimizer trains, the plain X2-VLM inside it, the peft model or None) for ``config.mode``."""
     base = setup.bundle.model
     if setup.config.mode == "lora":
-        heads = tuple(h for h in HEAD_NAMES if getattr(base, h, None) is not None)
-        config = setup.config
+        config = setup.config  # LoraSettings' heads are HEAD_NAMES, the ones the model lacks skipped
         peft_model = apply_lora(base, LoraSettings(r=config.lora_r, alpha=config.lora_alpha,
-                                                   dropout=config.lora_dropout, trainable_heads=heads))
+                                                   dropout=config.lora_dropout))
         return peft_model, peft_model.get_base_model(), peft_model
     for p in base.parameters():
         p.requires_grad_(True)

@@ -28,6 +28,10 @@ LORA_TARGETS: dict[str, str] = {
 }
 
 
+HEAD_NAMES = ("vision_proj", "text_proj", "itm_head", "bbox_head", "stripe_pool")
+"""Modules trained fully under LoRA and given the head learning rate (``train.build_optimizer``); absent ones skipped."""
+
+
 @dataclass
 class LoraSettings:
     """LoRA hyper-parameters and what to train."""
@@ -37,7 +41,7 @@ class LoraSettings:
     dropout: float = 0.05  # dropout on the LoRA branch input
     targets: tuple[str, ...] = ("vision", "text", "fusion")  # groups of LORA_TARGETS
     target_regex: str | None = None  # full-match regex over module names; overrides ``targets``
-    trainable_heads: tuple[str, ...] = ("vision_proj", "text_proj", "itm_head", "bbox_head", "stripe_pool")  # fully
+    trainable_heads: tuple[str, ...] = HEAD_NAMES  # trained fully (absent ones skipped)
     train_temp: bool = True  # keep the ITC temperature trainable
 
 
