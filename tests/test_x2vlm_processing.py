@@ -23,7 +23,11 @@ from capret_utils.x2vlm import (
     fashion_caption_corpus,
     pre_caption,
 )
-from capret_utils.x2vlm.processing import random_erase_box, random_resized_crop_box
+from capret_utils.x2vlm.processing import (
+    photometric_jitter,
+    random_erase_box,
+    random_resized_crop_box,
+)
 
 
 # ---------------------------------------------------------------------------------------------- captions
@@ -237,6 +241,41 @@ def test_random_erasing_paints_one_flat_rectangle_and_only_when_training():
     # evaluation preprocessing never erases
     e, _ = erased.process_one(arr, train=False)
     assert np.array_equal(e, plain.process_one(arr, train=False)[0])
+
+
+def test_photometric_jitter_hand_case_and_processor_wiring():
+    # hand case: draws gain g, casts c_rgb, contrast k from the same seed; x = 0.5 everywhere with one 1.0 pixel
+    x = np.full((2, 2, 3), 0.5, np.float32)
+    x[0, 0] = 1.0
+    ref = np.random.default_rng(4)
+    g = ref.uniform(0.75, 1.25)
+    cast = ref.uniform(0.9, 1.1, size=3)
+    k = ref.uniform(0.8, 1.2)
+    y = x * g * cast
+    expect = np.clip((y - y.mean()) * k + y.mean(), 0, 1)
+    got = photometric_jitter(x.copy(), np.random.default_rng(4), 0.25, 0.2, 0.1)
+    assert np.allclose(got, expect, atol=1e-6)
+    assert np.allclose(photometric_jitter(x.copy(), np.random.default_rng(0), 0.0, 0.0, 0.0), x)  # ranges 0
+    # the processor jitters training views only, deterministically per rng, and stays a pure function of them
+    arr = np.random.default_rng(5).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    base = ImageSettings(image_res=32, train=True, crop_scale=(1.0, 1.0), hflip_prob=0.0)
+    plain, jit = X2VLMImageProcessor(base), X2VLMImageProcessor(replace(base, brightness=0.25, contrast=0.125,
+                                                                        colour_cast=0.0625))
+    a, _ = plain.process_one(arr, rng=np.random.default_rng(1))
+    b, _ = jit.process_one(arr, rng=np.random.default_rng(1))
+    b2, _ = jit.process_one(arr, rng=np.random.default_rng(1))
+    assert np.array_equal(b, b2) and not np.allclose(a, b)
+    mean, std = np.asarray(CLIP_MEAN, np.float32)[:, None, None], np.asarray(CLIP_STD, np.float32)[:, None, None]
+    assert (b * std + mean).min() >= -1e-6 and (b * std + mean).max() <= 1 + 1e-6
+    assert np.array_equal(jit.process_one(arr, train=False)[0], plain.process_one(arr, train=False)[0])
+    # DataConfig / TrainConfig carry one strength s -> brightness s, contrast s / 2, cast s / 4
+    from capret_utils.data.loader import DataConfig, build_processor
+    from capret_utils.train import TrainConfig
+    st = build_processor(TrainConfig(photometric=0.2).data_config(32)).settings
+    assert (st.brightness, st.contrast, st.colour_cast) == (0.2, 0.1, 0.05)
+    assert build_processor(DataConfig(image_res=32)).settings.brightness == 0.0  # off by default
+    with pytest.raises(ValueError, match="photometric"):
+        TrainConfig(photometric=1.0).validate()
 
 
 def test_processor_settings_round_trip_and_errors(tmp_path):

@@ -73,6 +73,8 @@ class DataConfig:
     crop_ratio_relative: bool = True
     hflip_prob: float = 0.5
     erase_prob: float = 0.0  # random erasing: share of training views with one rectangle painted a random colour
+    # photometric jitter strength s (0 = off): brightness gain 1 +- s, contrast 1 +- s / 2, colour cast 1 +- s / 4
+    photometric: float = 0.0
     cache_mb: float = 512.0  # RAM budget of the decoded-view cache, MB, shared by the loader's workers; 0 = no cache
     cache_side: int = 0  # longest side a view is shrunk to before the processor; 0 = 2 x image_res
     draft: bool = True  # decode JPEGs at reduced size (DCT scaling) when the view is shrunk by 2x or more
@@ -97,6 +99,8 @@ class DataConfig:
             raise ValueError(f"DataConfig.crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
         if not 0 <= self.erase_prob <= 1:
             raise ValueError(f"DataConfig.erase_prob must be in [0, 1], got {self.erase_prob}")
+        if not 0 <= self.photometric < 1:
+            raise ValueError(f"DataConfig.photometric must be in [0, 1), got {self.photometric}")
         if self.bad_images not in ON_ERROR:
             raise ValueError(f"DataConfig.bad_images must be one of {ON_ERROR}, got {self.bad_images!r}")
         if self.cache_mb < 0:
@@ -182,7 +186,9 @@ def recolour(pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Te
 def build_processor(config: DataConfig) -> X2VLMImageProcessor:
     return X2VLMImageProcessor(ImageSettings(image_res=config.image_res, crop_scale=tuple(config.crop_scale),
                                              crop_ratio_relative=config.crop_ratio_relative,
-                                             hflip_prob=config.hflip_prob, erase_prob=config.erase_prob))
+                                             hflip_prob=config.hflip_prob, erase_prob=config.erase_prob,
+                                             brightness=config.photometric, contrast=config.photometric / 2,
+                                             colour_cast=config.photometric / 4))
 
 
 # ------------------------------------------------------------------------------------------ dataset

@@ -96,6 +96,8 @@ class TrainConfig:
         crop_scale: (min, max) area fraction of the random resized training crop, 0 < min <= max <= 1.
         crop_ratio_relative: True = aspect jitter relative to the crop's own shape; False = absolute 3:4..4:3.
         erase_prob: probability that a training view gets one random-colour rectangle (2-25 % of its area), [0, 1].
+        photometric: strength s of the training views' photometric jitter, [0, 1): brightness gain 1 +- s,
+            contrast 1 +- s / 2, per-channel colour cast 1 +- s / 4; 0 = off.
         margin: additive angular margin of the identity ArcFace, radians, [0, pi/2).
         arcface_scale: logit scale of both ArcFace heads (> 0).
         w_itc: weight of the image-text contrastive loss (0 = off).
@@ -173,6 +175,7 @@ class TrainConfig:
     crop_scale: tuple[float, float] = (0.9, 1.0)
     crop_ratio_relative: bool = True
     erase_prob: float = 0.5
+    photometric: float = 0.0
     # losses
     margin: float = 0.15
     arcface_scale: float = 30.0
@@ -269,6 +272,8 @@ class TrainConfig:
             raise ValueError(f"tta_contexts must be crop contexts >= 0, got {self.tta_contexts!r}")
         if not 0 <= self.erase_prob <= 1:
             raise ValueError(f"erase_prob must be in [0, 1], got {self.erase_prob}")
+        if not 0 <= self.photometric < 1:
+            raise ValueError(f"photometric must be in [0, 1), got {self.photometric}")
         if self.bad_images not in ("raise", "skip"):
             raise ValueError(f"bad_images must be raise | skip, got {self.bad_images!r}")
         if self.num_workers < -1 or self.log_every < 1 or self.eval_items < 0 or self.cache_mb < 0:
@@ -308,7 +313,8 @@ class TrainConfig:
                             use_captions=self.use_captions, box_task=bool(self.use_boxes and self.w_box),
                             box_per_batch=leading_rows(self.batch_size, self.box_fraction),
                             crop_scale=tuple(self.crop_scale), crop_ratio_relative=self.crop_ratio_relative,
-                            erase_prob=self.erase_prob, identities_per_batch=self.batch_size // self.per_identity,
+                            erase_prob=self.erase_prob, photometric=self.photometric,
+                            identities_per_batch=self.batch_size // self.per_identity,
                             per_identity=self.per_identity, cache_mb=self.cache_mb, bad_images=self.bad_images)
 
     def trajectory_digest(self, model_config: Any = None) -> str:

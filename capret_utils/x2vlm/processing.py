@@ -62,6 +62,12 @@ class ImageSettings:
     erase_prob: float = 0.0
     erase_area: tuple[float, float] = (0.02, 0.25)
     erase_ratio: tuple[float, float] = (0.3, 3.3)
+    # photometric jitter of the training view, like the lighting of shopper photos (0 = off): a brightness gain
+    # in [1 - brightness, 1 + brightness], a contrast factor about the view's mean in [1 - contrast, 1 + contrast]
+    # and a per-channel gain (colour cast) in [1 - colour_cast, 1 + colour_cast], on [0, 1] pixel values
+    brightness: float = 0.0
+    contrast: float = 0.0
+    colour_cast: float = 0.0
 
 
 ImageInput = Image.Image | str | os.PathLike | np.ndarray
@@ -131,6 +137,17 @@ def random_erase_box(height: int, width: int, rng: np.random.Generator,
     return None
 
 
+def photometric_jitter(arr: np.ndarray, rng: np.random.Generator, brightness: float, contrast: float,
+                       colour_cast: float) -> np.ndarray:
+    """Random brightness, contrast and colour cast of one (H, W, 3) image in [0, 1] (clipped back to [0, 1]):
+    ``clip((x * gain * cast - m) * c + m)`` with ``m`` the mean of ``x * gain * cast``; draws 5 numbers."""
+    gain = rng.uniform(1 - brightness, 1 + brightness) * rng.uniform(1 - colour_cast, 1 + colour_cast, size=3)
+    c = rng.uniform(1 - contrast, 1 + contrast)
+    out = arr * gain.astype(np.float32)
+    m = np.float32(out.mean())
+    return np.clip((out - m) * np.float32(c) + m, 0.0, 1.0, out=out)
+
+
 class X2VLMImageProcessor:
     """PIL images / paths / arrays -> ``{"pixel_values": float32 (B, 3, res, res)}`` (+ ``"boxes"``)."""
 
@@ -143,10 +160,14 @@ class X2VLMImageProcessor:
     def for_config(cls, config: X2VLMConfig, **overrides: Any) -> "X2VLMImageProcessor":
         return cls(ImageSettings(image_res=config.image_res, **overrides))
 
-    def to_array(self, image: Image.Image) -> np.ndarray:
-        """Resized RGB PIL image -> normalised float32 (3, H, W)."""
+    def to_array(self, image: Image.Image, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Resized RGB PIL image -> normalised float32 (3, H, W); with ``rng``, the settings' photometric jitter
+        first (when any of its ranges is non-zero)."""
+        s = self.settings
         arr = np.asarray(image, dtype=np.float32) / 255.0
-        arr = (arr - np.asarray(self.settings.mean, np.float32)) / np.asarray(self.settings.std, np.float32)
+        if rng is not None and (s.brightness or s.contrast or s.colour_cast):
+            arr = photometric_jitter(arr, rng, s.brightness, s.contrast, s.colour_cast)
+        arr = (arr - np.asarray(s.mean, np.float32)) / np.asarray(s.std, np.float32)
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
     def process_one(self, image: ImageInput, train: bool | None = None, rng: np.random.Generator | None = None,
@@ -176,7 +197,7 @@ class X2VLMImageProcessor:
             if flip:
                 x1, x2 = 1.0 - x2, 1.0 - x1
             out_box = np.asarray([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dtype=np.float32)
-        arr = self.to_array(img)
+        arr = self.to_array(img, rng if train else None)
         if train and s.erase_prob > 0 and rng.random() < s.erase_prob:
             rect = random_erase_box(s.image_res, s.image_res, rng, s.erase_area, s.erase_ratio)
             if rect is not None:
