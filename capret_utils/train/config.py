@@ -40,11 +40,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     "demo": dict(finetune_mode="auto", image_res=0, lr=2e-3, weight_decay=0.05, head_lr_mult=2.0,
                  schedule="cosine", warmup=0.1, epochs=30, batch_size=64, per_identity=1, w_itc=1.0, w_itm=1.0,
                  w_box=1.0, w_arcface=1.0, w_category=1.0, category_recolour=64, margin=0.15, arcface_scale=30.0,
-                 crop_scale=(0.9, 1.0), crop_ratio_relative=True, erase_prob=0.5, tta_contexts=()),
+                 crop_scale=(0.9, 1.0), crop_ratio_relative=True, erase_prob=0.5, photometric=0.0,
+                 tta_contexts=()),
     "x2vlm": dict(finetune_mode="full", image_res=384, lr=3e-5, weight_decay=0.01, head_lr_mult=2.0,
                   schedule="linear", warmup=0.1, epochs=10, batch_size=20, per_identity=1, w_itc=1.0, w_itm=1.0,
                   w_box=0.0, w_arcface=1.0, w_category=0.0, category_recolour=0, margin=0.15, arcface_scale=30.0,
-                  crop_scale=(0.5, 1.0), crop_ratio_relative=False, erase_prob=0.0, tta_contexts=()),
+                  crop_scale=(0.5, 1.0), crop_ratio_relative=False, erase_prob=0.0, photometric=0.0,
+                  tta_contexts=()),
 }
 # fields that may change between a killed run and its resume without changing the trajectory
 _RESUME_FREE = ("resume", "num_workers", "eval_every", "ckpt_every", "keep_checkpoints", "progress", "device",
