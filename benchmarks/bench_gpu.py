@@ -64,9 +64,7 @@ def run_one(args: argparse.Namespace, mode: str, checkpointing: bool, device: to
     model.set_attn_implementation("sdpa")
     module, net = model, model
     if mode == "lora":
-        heads = tuple(h for h in train.HEAD_NAMES if getattr(model, h, None) is not None)
-        module = apply_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                                trainable_heads=heads))
+        module = apply_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout))
         net = module.get_base_model()
     net.set_layer_checkpointing(checkpointing)
     net.train()

@@ -547,9 +547,8 @@ def _planned_vs_measured(cfg, model_config, model, precision):
 
     net = model
     if cfg.mode == "lora":
-        heads = tuple(h for h in train.HEAD_NAMES if getattr(model, h, None) is not None)
-        net = apply_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                             trainable_heads=heads)).get_base_model()
+        lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+        net = apply_lora(model, lora).get_base_model()
     net.set_layer_checkpointing(cfg.gradient_checkpointing)
     net.train()
     arc, cat = train.build_arcfaces(cfg, cfg.batch_size, model_config.embed_dim)
