@@ -1,4 +1,5 @@
-"""Plumbing every stage shares: the repository root, atomic file writes, JSON conversion and the device resolver.
+"""Plumbing every stage shares: the repository root, atomic file writes, JSON conversion, the device resolver and
+the deterministic-algorithms switch of CPU training.
 
 This module imports nothing from ``capret_utils`` (it sits below every stage package), so any stage can use it
 without creating an import cycle.
@@ -35,6 +36,23 @@ def resolve_device(device: str = "auto") -> "torch.device":
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} requested but torch sees no CUDA GPU")
     return dev
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True, warn_only=True)`` inside the block when ``enabled``; the previous
+    setting is restored afterwards. CPU training under it is bitwise repeatable at one thread count (notebook 03's
+    fine-tuning and notebook 02's pixel answerer)."""
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled()
+    before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=before_warn)
 
 
 def jsonable(value: Any) -> Any:

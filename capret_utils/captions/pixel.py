@@ -53,6 +53,7 @@ from capret_utils.captions.dialogue import (
     question_topic,
 )
 from capret_utils.captions.views import ItemView, load_views
+from capret_utils.common import deterministic_algorithms
 from capret_utils.data.boxes import CROP_CONTEXT
 
 PIXEL_VQA = {"x2vlm-demo": "demo"}
@@ -191,64 +192,66 @@ def train_pixel_vqa(train_items: pd.DataFrame, attributes: Mapping[str, Mapping[
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or threads)
     try:
-        torch.manual_seed(cfg.seed)
-        if cfg.init:
-            init = Path(cfg.init)
-            if not (init / "model").is_dir() or not (init / "tokenizer").is_dir():
-                raise FileNotFoundError(f"PixelVQAConfig.init={cfg.init!r}: expected a notebook-03 checkpoint "
-                                        f"folder with model/ and tokenizer/")
-            from capret_utils.x2vlm import X2VLMTokenizer
+        # bitwise repeatable at one thread count (without it two runs drifted apart within 20 steps)
+        with deterministic_algorithms(True):
+            torch.manual_seed(cfg.seed)
+            if cfg.init:
+                init = Path(cfg.init)
+                if not (init / "model").is_dir() or not (init / "tokenizer").is_dir():
+                    raise FileNotFoundError(f"PixelVQAConfig.init={cfg.init!r}: expected a notebook-03 checkpoint "
+                                            f"folder with model/ and tokenizer/")
+                from capret_utils.x2vlm import X2VLMTokenizer
 
-            base = X2VLMModel.from_pretrained(init / "model")
-            tokenizer = X2VLMTokenizer.from_pretrained(init / "tokenizer")
-        else:
-            tokenizer = build_vqa_tokenizer(dialogue_questions(), answer_list, cfg.vocab_size)
-            base = X2VLMModel(X2VLMConfig.preset(cfg.preset))
-        check_tokenizer(base.config, tokenizer)
-        model, _ = X2VLMForVQA.from_x2vlm(base, k_test=cfg.k_test)
-        processor = X2VLMImageProcessor.for_config(model.config)
-        rows = train_items.to_dict("records")
-        pixels = _crop_tensor(rows, processor, cfg.context).to(torch.float16)
-        load_s = time.perf_counter() - started
-        q = tokenizer(questions)
-        answer_index = {a: i for i, a in enumerate(answer_list)}
-        a = tokenizer(answer_list)
-        n_q = len(questions)
-        # target answer id of (item i, question j)
-        target = torch.tensor(triples["answer"].map(answer_index).to_numpy(), dtype=torch.long).view(len(rows), n_q)
-        if list(triples["key"].iloc[::n_q]) != [str(r["key"]) for r in rows]:
-            raise RuntimeError("vqa_triples: rows are not item-major in items-table order")
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        warm = max(1, cfg.steps // 20)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min((s + 1) / warm, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warm))))
-        gen = torch.Generator().manual_seed(cfg.seed)
-        model.train()
-        losses = []
-        from tqdm.auto import tqdm
+                base = X2VLMModel.from_pretrained(init / "model")
+                tokenizer = X2VLMTokenizer.from_pretrained(init / "tokenizer")
+            else:
+                tokenizer = build_vqa_tokenizer(dialogue_questions(), answer_list, cfg.vocab_size)
+                base = X2VLMModel(X2VLMConfig.preset(cfg.preset))
+            check_tokenizer(base.config, tokenizer)
+            model, _ = X2VLMForVQA.from_x2vlm(base, k_test=cfg.k_test)
+            processor = X2VLMImageProcessor.for_config(model.config)
+            rows = train_items.to_dict("records")
+            pixels = _crop_tensor(rows, processor, cfg.context).to(torch.float16)
+            load_s = time.perf_counter() - started
+            q = tokenizer(questions)
+            answer_index = {a: i for i, a in enumerate(answer_list)}
+            a = tokenizer(answer_list)
+            n_q = len(questions)
+            # target answer id of (item i, question j)
+            target = torch.tensor(triples["answer"].map(answer_index).to_numpy(), dtype=torch.long).view(len(rows), n_q)
+            if list(triples["key"].iloc[::n_q]) != [str(r["key"]) for r in rows]:
+                raise RuntimeError("vqa_triples: rows are not item-major in items-table order")
+            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            warm = max(1, cfg.steps // 20)
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: min((s + 1) / warm, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warm))))
+            gen = torch.Generator().manual_seed(cfg.seed)
+            model.train()
+            losses = []
+            from tqdm.auto import tqdm
 
-        for step in tqdm(range(cfg.steps), disable=not progress, desc="pixel VQA training"):
-            idx = torch.randint(len(rows), (min(cfg.batch_size, len(rows)),), generator=gen)
-            x = pixels[idx].float()
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            x[flip] = x[flip].flip(-1)
-            image_embeds, _ = model.get_image_embeds(x)
-            text = model.get_text_embeds(q["input_ids"], q["attention_mask"])
-            b, per = len(idx), min(cfg.questions_per_crop or n_q, n_q)
-            qs = torch.rand(b, n_q, generator=gen).argsort(1)[:, :per]  # a random subset of questions per crop
-            states = model.get_fusion_embeds(text[qs.reshape(-1)], q["attention_mask"][qs.reshape(-1)],
-                                             image_embeds.repeat_interleave(per, 0))
-            ans = target[idx.unsqueeze(1), qs].reshape(-1)
-            ids, atts = a["input_ids"][ans], a["attention_mask"][ans]
-            width = int(atts.sum(1).max())  # drop the columns that are padding for every answer of the batch
-            nll = model.answer_nll(states, q["attention_mask"][qs.reshape(-1)], ids[:, :width], atts[:, :width])
-            loss = nll.sum() / (b * per)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
+            for step in tqdm(range(cfg.steps), disable=not progress, desc="pixel VQA training"):
+                idx = torch.randint(len(rows), (min(cfg.batch_size, len(rows)),), generator=gen)
+                x = pixels[idx].float()
+                flip = torch.rand(len(idx), generator=gen) < 0.5
+                x[flip] = x[flip].flip(-1)
+                image_embeds, _ = model.get_image_embeds(x)
+                text = model.get_text_embeds(q["input_ids"], q["attention_mask"])
+                b, per = len(idx), min(cfg.questions_per_crop or n_q, n_q)
+                qs = torch.rand(b, n_q, generator=gen).argsort(1)[:, :per]  # a random subset of questions per crop
+                states = model.get_fusion_embeds(text[qs.reshape(-1)], q["attention_mask"][qs.reshape(-1)],
+                                                 image_embeds.repeat_interleave(per, 0))
+                ans = target[idx.unsqueeze(1), qs].reshape(-1)
+                ids, atts = a["input_ids"][ans], a["attention_mask"][ans]
+                width = int(atts.sum(1).max())  # drop the columns that are padding for every answer of the batch
+                nll = model.answer_nll(states, q["attention_mask"][qs.reshape(-1)], ids[:, :width], atts[:, :width])
+                loss = nll.sum() / (b * per)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                losses.append(float(loss.detach()))
     finally:
         torch.set_num_threads(threads)
     model.eval()
@@ -273,7 +276,8 @@ def load_or_train(root: str | os.PathLike, cache_dir: str | os.PathLike, config:
     train_dir = paths.split_dir(root, "train")
     init_id = _hash(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(cfg.init, "model").glob("*"))
                     ) if cfg.init else ""  # a retrained checkpoint in the same folder is a new answerer
-    folder = Path(cache_dir) / f"x2vlm-vqa-{_hash(asdict(cfg), _train_fingerprint(train_dir), 2, init_id)}"
+    # the constant is the training code's version: 3 = deterministic algorithms (answerers cached before differ)
+    folder = Path(cache_dir) / f"x2vlm-vqa-{_hash(asdict(cfg), _train_fingerprint(train_dir), 3, init_id)}"
     if (folder / RECORD_FILE).is_file():
         return folder
     attributes = load_attributes(train_dir)

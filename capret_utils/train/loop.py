@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from capret_utils.common import deterministic_algorithms
 from capret_utils.data import loader as D
 from capret_utils.data.df2 import CATEGORY_NAMES
 from capret_utils.data.splits import eval_subset
@@ -226,20 +227,6 @@ def finetune(setup: TrainSetup, run_dir: str | os.PathLike, val_items: pd.DataFr
     on_cpu = setup.bundle.device.type == "cpu"
     with deterministic_algorithms(setup.config.deterministic and on_cpu):
         return _finetune(setup, run_dir, val_items, callback, stop_after)
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(enabled: bool) -> Iterator[None]:
-    """``torch.use_deterministic_algorithms(True, warn_only=True)`` inside the block when ``enabled``; the previous
-    setting is restored afterwards."""
-    before = torch.are_deterministic_algorithms_enabled()
-    before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    if enabled:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=before_warn)
 
 
 class EpochBatches:
